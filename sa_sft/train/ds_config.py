@@ -1,0 +1,68 @@
+"""DeepSpeed configs: presets in ds_configs/ whose "auto" fields are filled from the trainer config."""
+import copy
+import json
+from pathlib import Path
+
+from sa_sft.errors import UserError
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def load_preset(name_or_path: str) -> tuple[Path, dict]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
+        raise UserError(f"train.deepspeed_config: {name_or_path} is neither a preset ({presets}) nor a JSON file")
+    try:
+        return path, json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def auto_values(tcfg, hidden_size: int) -> dict:
+    """What each "auto" field becomes, keyed by its dotted path in the DeepSpeed config."""
+    h2 = hidden_size * hidden_size
+    return {
+        "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
+        "gradient_accumulation_steps": tcfg.gradient_accumulation_steps,
+        "gradient_clipping": tcfg.max_grad_norm,
+        "bf16.enabled": tcfg.precision == "bf16",
+        "fp16.enabled": False,
+        "optimizer.params.lr": tcfg.learning_rate,
+        "optimizer.params.betas": [tcfg.adam_beta1, tcfg.adam_beta2],
+        "optimizer.params.weight_decay": tcfg.weight_decay,
+        "zero_optimization.reduce_bucket_size": h2,
+        "zero_optimization.allgather_bucket_size": h2,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * h2),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+        "zero_optimization.offload_optimizer.pin_memory": tcfg.device == "cuda",
+        "zero_optimization.offload_param.pin_memory": tcfg.device == "cuda",
+    }
+
+
+def fill_auto(config: dict, values: dict, source: str) -> dict:
+    out = copy.deepcopy(config)
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, dotted + ".")
+            elif value == "auto":
+                if dotted not in values:
+                    raise UserError(f"{source}: no value known for \"auto\" at {dotted}; set it explicitly")
+                node[key] = values[dotted]
+
+    walk(out, "")
+    return out
+
+
+def build_ds_config(tcfg, hidden_size: int) -> dict:
+    path, preset = load_preset(tcfg.deepspeed_config)
+    config = fill_auto(preset, auto_values(tcfg, hidden_size), str(path))
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"{path}: zero_optimization.stage must be 0-3; got {stage}")
+    return config

@@ -1,0 +1,236 @@
+"""The per-rank training loop: DeepSpeed ZeRO full-parameter SFT, top to bottom.
+
+Launched once per rank (torchrun, the deepspeed launcher, or srun):
+    python -m sa_sft.train.trainer --config RUN/train/config.yaml --run-dir RUN
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from sa_sft.config import load_config
+from sa_sft.io import atomic_write_json, atomic_write_text, read_json, replace_dir
+from sa_sft.models import resolve_model
+
+log = logging.getLogger("sa_sft.train")
+
+EXPORT_MARKER = "sa_sft_export.json"
+
+
+def distributed_env() -> None:
+    """torch.distributed reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under plain srun map them from SLURM_*."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def latest_checkpoint(ckpt_dir: Path) -> str | None:
+    """The tag DeepSpeed recorded last; it writes `latest` only after a save completed."""
+    latest = ckpt_dir / "latest"
+    if not latest.exists():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (ckpt_dir / tag).is_dir() else None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
+    tags = sorted(p.name for p in ckpt_dir.glob("step-*") if p.is_dir())
+    keep = set(tags[-keep_last:]) | {latest_checkpoint(ckpt_dir)}
+    for tag in tags:
+        if tag not in keep:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def trim_metrics(path: Path, upto_step: int) -> None:
+    """On resume, drop metric lines past the checkpoint so the curve continues without repeats."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= upto_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def setup_logging(rank: int, log_file: Path) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
+                        format="%(asctime)s %(name)s [rank %(rank)s] %(message)s".replace("%(rank)s", str(rank)))
+
+
+def export_model(engine, model, tokenizer, out_dir: Path, zero_stage: int, rank: int, info: dict) -> None:
+    """Gather the full 16-bit weights and write a Hugging Face folder (safetensors) atomically."""
+    if zero_stage == 3:
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict() if rank == 0 else None
+    if rank != 0:
+        return
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="2GB")
+    tokenizer.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    atomic_write_json(tmp / EXPORT_MARKER, info)
+    replace_dir(tmp, out_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="one rank of the sa-sft DeepSpeed trainer")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--run-dir", required=True, type=Path)
+    args = parser.parse_args()
+
+    # DeepSpeed calls collectives that torch deprecates, once per parameter per step.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated.*")
+    cfg = load_config(args.config)
+    tcfg = cfg.train
+    run_dir = args.run_dir
+    train_dir = run_dir / "train"
+    distributed_env()
+
+    import deepspeed
+    import torch.distributed as dist
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from sa_sft.train.data import RankData
+    from sa_sft.train.ds_config import build_ds_config
+
+    deepspeed.init_distributed(dist_backend="gloo" if tcfg.device == "cpu" else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    setup_logging(rank, train_dir / "train.log")
+    if tcfg.device == "cpu":
+        torch.set_num_threads(tcfg.threads_per_rank)
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+    # Data: this rank's shard of the mix.
+    mix_manifest = read_json(run_dir / "mix" / "manifest.json")
+    if mix_manifest["ranks"] != world:
+        raise SystemExit(f"error: the mix was split for {mix_manifest['ranks']} ranks but {world} are running; "
+                         f"rerun mix with train.ranks={world}")
+    dataset = load_from_disk(str(run_dir / "mix" / mix_manifest["rank_dirs"][rank]))
+    model_path = resolve_model(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    data = RankData(dataset, tcfg.micro_batch_size, tcfg.gradient_accumulation_steps, cfg.seed, rank,
+                    tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    if data.steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(dataset)} samples per rank is less than one optimizer step "
+                         f"(train.micro_batch_size x train.gradient_accumulation_steps)")
+    total_steps = tcfg.max_steps or tcfg.epochs * data.steps_per_epoch
+
+    # Model and engine: under ZeRO-3, HfDeepSpeedConfig makes from_pretrained partition at load.
+    from transformers import AutoConfig
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    ds_config = build_ds_config(tcfg, model_config.hidden_size)
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage == 3 else None  # noqa: F841 (must stay alive)
+    dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model.config.use_cache = False
+    num_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    schedule = lambda step: lr_factor(step, tcfg.warmup_steps, total_steps, tcfg.lr_schedule, tcfg.min_lr_ratio)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    log.info("training %s (%.1fM params) with ZeRO-%d on %d %s rank(s): %d samples/rank, %d steps/epoch, %d steps",
+             model_path.name, num_params / 1e6, zero_stage, world, tcfg.device, len(dataset),
+             data.steps_per_epoch, total_steps)
+
+    # Resume from the latest complete checkpoint.
+    ckpt_dir = train_dir / "checkpoints"
+    metrics_path = train_dir / "metrics.jsonl"
+    step = 0
+    if latest_checkpoint(ckpt_dir):
+        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+        step = client_state["step"]
+        log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), step)
+    if rank == 0:
+        trim_metrics(metrics_path, step)
+
+    def save_checkpoint(at_step: int) -> None:
+        engine.save_checkpoint(str(ckpt_dir), tag=f"step-{at_step:07d}", client_state={"step": at_step})
+        dist.barrier()
+        if rank == 0:
+            prune_checkpoints(ckpt_dir, tcfg.keep_last)
+
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+        progress = tqdm(total=total_steps, initial=step, unit="step", desc="train", dynamic_ncols=True)
+    device = engine.device
+    engine.train()
+    while step < total_steps:
+        t0 = time.time()
+        batches = data.micro_batches(step)
+        data_wait = time.time() - t0
+        stats = torch.zeros(3, dtype=torch.float64)  # loss sum, real tokens, samples
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            stats += torch.tensor([loss.item(), batch["attention_mask"].sum().item(), len(batch["input_ids"])],
+                                  dtype=torch.float64)
+        dist.all_reduce(stats)
+        step_seconds = time.time() - t0
+        step += 1
+        if rank == 0 and (step % tcfg.log_every == 0 or step == total_steps):
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": step, "epoch": (step - 1) // data.steps_per_epoch,
+                "loss": round(stats[0].item() / (len(batches) * world), 6),
+                "lr": tcfg.learning_rate * schedule(step - 1),
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": round(stats[1].item() / step_seconds, 1),
+                "samples_per_s": round(stats[2].item() / step_seconds, 2),
+                "step_seconds": round(step_seconds, 3),
+                "data_wait_s": round(data_wait, 4),
+            }
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if progress:
+            progress.update(1)
+        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
+            save_checkpoint(step)
+    if progress:
+        progress.close()
+
+    save_checkpoint(step)
+    export_model(engine, model, tokenizer, train_dir / "final", zero_stage, rank,
+                 {"steps": step, "num_params": num_params, "zero_stage": zero_stage, "ranks": world,
+                  "precision": tcfg.precision, "base_model": str(model_path)})
+    dist.barrier()
+    log.info("exported %s", train_dir / "final")
+
+
+if __name__ == "__main__":
+    main()
