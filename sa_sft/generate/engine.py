@@ -20,6 +20,7 @@ def engine_env(cfg, engine_index: int, cpu_ids: list[int], cache_root: str) -> d
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        "VLLM_LOGGING_LEVEL": "WARNING",
     }
     if cfg.device == "cpu":
         env.update({

