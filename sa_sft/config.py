@@ -45,11 +45,13 @@ class DataConfig:
 @dataclass
 class GenerateConfig:
     strategy: Literal["self_dialogue"] = opt("self_dialogue", help="how the base model writes its own data")
+    turns: int = opt(2, min=2, help="messages per dialogue, alternating user/assistant (2: one exchange)")
     num_samples: int = opt(256, min=0, help="accepted self-dialogues to produce (training + held out)")
     shard_size: int = opt(64, min=1, help="dialogues per shard (the unit of work, resume and determinism)")
     temperature: float = opt(0.7, min=0.0, help="sampling temperature, both roles")
     top_p: float = opt(0.9, min=0.0, max=1.0, help="nucleus sampling, both roles")
-    top_k: int = opt(-1, min=-1, help="top-k pre-filter (-1: off)")
+    top_k: int = opt(-1, min=-1, help="top-k filter (-1: off)")
+    fast_top_p: bool = opt(True, help="on CPU, exact top-p from a top-256 partial selection instead of a full-vocabulary sort")
     max_user_tokens: int = opt(128, min=1, help="token cap of a generated user turn")
     max_assistant_tokens: int = opt(256, min=1, help="token cap of a generated assistant turn")
     min_turn_chars: int = opt(8, min=0, help="shorter turns are rejected")
@@ -155,7 +157,17 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
         raise UserError(f"{path}: the top level must be a mapping of config sections")
     for item in overrides:
         apply_override(raw, item)
-    return resolve_auto(from_dict(Config, raw, prefix=""))
+    return resolve_auto(check_consistency(from_dict(Config, raw, prefix="")))
+
+
+def check_consistency(cfg: "Config") -> "Config":
+    """Checks that involve more than one key."""
+    if cfg.generate.turns % 2:
+        raise UserError(f"config key generate.turns must be even (dialogues end with the assistant); got {cfg.generate.turns}")
+    if cfg.generate.num_samples < cfg.data.heldout_self:
+        raise UserError(f"config key generate.num_samples ({cfg.generate.num_samples}) must be at least "
+                        f"data.heldout_self ({cfg.data.heldout_self})")
+    return cfg
 
 
 def resolve_auto(cfg: "Config") -> "Config":

@@ -31,7 +31,8 @@ def preflight(cfg: Config, stages: list[str]) -> None:
     """Cheap checks of everything the stages will read, so bad input fails in seconds, not after generation."""
     resolve_model(cfg.model.path)
     if "mix" in stages:
-        read_task_data(cfg.data.task_path, cfg.data.on_bad_row)
+        from sa_sft.data.mix import check_self_supply
+        check_self_supply(cfg, len(read_task_data(cfg.data.task_path, cfg.data.on_bad_row).rows))
     if "train" in stages:
         from sa_sft.train.ds_config import load_preset
         load_preset(cfg.train.deepspeed_config)

@@ -41,6 +41,19 @@ def mix_samples(task: list[dict], self_pool: list[dict], self_ratio: float, seed
     return mixed
 
 
+def task_train_count(cfg: Config, task_rows: int) -> int:
+    return max(0, min(task_rows, cfg.data.max_task_samples or task_rows) - cfg.data.heldout_task)
+
+
+def check_self_supply(cfg: Config, task_rows: int) -> None:
+    """Fail before generation if generate.num_samples cannot cover lambda x task rows + the held-out ones."""
+    needed = round(cfg.mix.self_ratio * task_train_count(cfg, task_rows)) + cfg.data.heldout_self
+    if cfg.generate.num_samples < needed:
+        raise UserError(f"config key generate.num_samples ({cfg.generate.num_samples}) is too small: "
+                        f"mix.self_ratio={cfg.mix.self_ratio} x {task_train_count(cfg, task_rows)} task rows "
+                        f"+ data.heldout_self={cfg.data.heldout_self} needs {needed}")
+
+
 def split_ranks(samples: list, ranks: int) -> list[list]:
     """Round-robin per rank, cut to equal length so every rank runs the same number of steps."""
     per_rank = len(samples) // ranks

@@ -54,11 +54,13 @@ def engine_kwargs(cfg, model_path: str, trust_remote_code: bool, seed: int) -> d
 
 @ray.remote(max_restarts=0)
 class EngineActor:
-    def __init__(self, kwargs: dict):
+    def __init__(self, kwargs: dict, fast_top_p: bool = False):
         from transformers import AutoTokenizer
         from vllm import LLM
 
         started = time.time()
+        from sa_sft.generate.sampling import install_fast_top_p
+        self.fast_top_p = install_fast_top_p() if fast_top_p else False
         self.llm = LLM(**kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(kwargs["model"], trust_remote_code=kwargs["trust_remote_code"])
         stop = {self.tokenizer.eos_token_id}
@@ -69,42 +71,54 @@ class EngineActor:
 
     def info(self) -> dict:
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "fast_top_p": self.fast_top_p,
                 "startup_seconds": round(self.startup_seconds, 1)}
 
-    def _run(self, turns, sampling: dict) -> list[dict]:
+    def generate_shard(self, shard: int, run_seed: int, shard_size: int, sampling: dict) -> dict:
+        """Write one shard of self-dialogues.
+
+        All dialogues of the shard are in flight at once, and each turn is queued the moment the
+        previous one finishes, so the engine's batch stays full (continuous batching) instead of
+        draining at every turn boundary. Every request carries its own seed.
+        """
         from vllm import SamplingParams
 
-        prompts = [{"prompt_token_ids": self.tokenizer(t.prompt, add_special_tokens=False)["input_ids"]}
-                   for t in turns]
-        params = [SamplingParams(temperature=sampling["temperature"], top_p=sampling["top_p"],
-                                 top_k=sampling["top_k"], max_tokens=t.max_tokens, seed=t.seed,
-                                 stop_token_ids=self.stop_ids, skip_special_tokens=True)
-                  for t in turns]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [{"text": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
-                 "tokens": len(o.outputs[0].token_ids)} for o in outputs]
-
-    def generate_shard(self, shard: int, run_seed: int, shard_size: int, sampling: dict) -> dict:
-        """Generate one shard of two-turn self-dialogues; returns raw turns and timing."""
-        from sa_sft.generate import strategies
+        from sa_sft.generate.strategies import dialogue_id, next_turn
 
         started = time.time()
-        user_turns = strategies.user_turns(self.tokenizer, run_seed, shard, shard_size, sampling["max_user_tokens"])
-        users = self._run(user_turns, sampling)
-        answer_turns = strategies.assistant_turns(self.tokenizer, run_seed, shard,
-                                                  [u["text"].strip() for u in users], sampling["max_assistant_tokens"])
-        answers = self._run(answer_turns, sampling)
-        dialogues = []
-        for i, dialogue_id in enumerate(strategies.dialogue_ids(shard, shard_size)):
-            user, answer = users[i], answers[i]
-            dialogues.append({
-                "id": dialogue_id,
-                "messages": [{"role": "user", "content": user["text"].strip()},
-                             {"role": "assistant", "content": answer["text"].strip()}],
-                "finish_reasons": [user["finish_reason"], answer["finish_reason"]],
-                "tokens": [user["tokens"], answer["tokens"]],
-                "seeds": [user_turns[i].seed, answer_turns[i].seed],
-                "shard": shard,
-            })
-        return {"shard": shard, "dialogues": dialogues, "seconds": time.time() - started,
-                "tokens": sum(sum(d["tokens"]) for d in dialogues)}
+        engine = self.llm.llm_engine
+        dialogues = [{"id": dialogue_id(shard, i), "messages": [], "finish_reasons": [], "tokens": [],
+                      "seeds": [], "shard": shard} for i in range(shard_size)]
+        owner: dict[str, int] = {}
+
+        def submit(index: int) -> None:
+            d = dialogues[index]
+            turn = next_turn(self.tokenizer, run_seed, shard, index, d["messages"],
+                             sampling["max_user_tokens"], sampling["max_assistant_tokens"])
+            params = SamplingParams(temperature=sampling["temperature"], top_p=sampling["top_p"],
+                                    top_k=sampling["top_k"], max_tokens=turn.max_tokens, seed=turn.seed,
+                                    stop_token_ids=self.stop_ids, skip_special_tokens=True)
+            prompt = {"prompt_token_ids": self.tokenizer(turn.prompt, add_special_tokens=False)["input_ids"]}
+            request_id = f"{d['id']}-t{len(d['messages'])}"
+            engine.add_request(request_id, prompt, params)
+            owner[request_id] = index
+            d["seeds"].append(turn.seed)
+
+        for index in range(shard_size):
+            submit(index)
+        tokens = 0
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if not output.finished:
+                    continue
+                index = owner.pop(output.request_id)
+                d = dialogues[index]
+                completion = output.outputs[0]
+                role = "user" if len(d["messages"]) % 2 == 0 else "assistant"
+                d["messages"].append({"role": role, "content": completion.text.strip()})
+                d["finish_reasons"].append(completion.finish_reason)
+                d["tokens"].append(len(completion.token_ids))
+                tokens += len(completion.token_ids)
+                if len(d["messages"]) < sampling["turns"]:
+                    submit(index)
+        return {"shard": shard, "dialogues": dialogues, "seconds": time.time() - started, "tokens": tokens}

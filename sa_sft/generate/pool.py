@@ -67,7 +67,7 @@ class EnginePool:
             self.placement_groups[index] = pg
             options.update(num_gpus=0, num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_capture_child_tasks=True))
-        return EngineActor.options(**options).remote(self.kwargs)
+        return EngineActor.options(**options).remote(self.kwargs, cfg.fast_top_p and cfg.device == "cpu")
 
     def _wait_ready(self, indices: Iterable[int]) -> list[dict]:
         refs = [self.actors[i].info.remote() for i in indices]

@@ -77,7 +77,7 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                     log.info("generate: starting %d vLLM engine(s) for %s (%s)", gcfg.engines, model_path, gcfg.device)
                     pool = EnginePool(gcfg, str(model_path), cfg.model.trust_remote_code, cfg.seed, str(cache_dir()))
                     log.info("generate: engines ready: %s", pool.info)
-                sampling = {k: getattr(gcfg, k) for k in ("temperature", "top_p", "top_k",
+                sampling = {k: getattr(gcfg, k) for k in ("temperature", "top_p", "top_k", "turns",
                                                           "max_user_tokens", "max_assistant_tokens")}
                 call = lambda actor, shard: actor.generate_shard.remote(shard, cfg.seed, gcfg.shard_size, sampling)
                 for result in (pool.map_shards(todo, call) if todo else ()):

