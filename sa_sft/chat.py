@@ -45,7 +45,10 @@ def assistant_prompt(tokenizer, messages: list[dict]) -> str:
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered text and the [start, end) character spans of every assistant turn."""
+    """The rendered text and the [start, end) character spans of every assistant turn.
+
+    A turn marked `"truncated": true` (generation hit its token cap) spans its content only.
+    """
     text = render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
@@ -56,6 +59,9 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if not text.startswith(render(tokenizer, messages[: i + 1])) or start > end:
             raise ValueError("the chat template is not prefix-stable (a turn renders differently "
                              "depending on what follows); cannot compute assistant masks")
+        if message.get("truncated") and text.startswith(message["content"], start):
+            # Cut at the token cap: learn its text, not an end-of-turn the model never wrote.
+            end = start + len(message["content"])
         spans.append((start, end))
     return text, spans
 

@@ -56,6 +56,7 @@ class GenerateConfig:
     max_assistant_tokens: int = opt(256, min=1, help="token cap of a generated assistant turn")
     min_turn_chars: int = opt(8, min=0, help="shorter turns are rejected")
     drop_truncated: bool = opt(True, help="reject dialogues whose turns hit the token cap")
+    keep_truncated_answers: bool = opt(True, help="keep a final answer cut at the token cap (its text is trained, no end-of-turn)")
     engines: int = opt(1, min=1, results=False, help="data-parallel vLLM engines (Ray actors)")
     tensor_parallel_size: int = opt(1, min=1, results=False, help="devices per engine")
     device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="where engines run")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from sa_sft.config import Config, section_for_results
 from sa_sft.errors import UserError
-from sa_sft.generate.filters import rejection_reason
+from sa_sft.generate.filters import mark_truncated, rejection_reason
 from sa_sft.io import atomic_write_jsonl, read_json, read_jsonl, sha256_file
 from sa_sft.models import cache_dir, model_identity, resolve_model
 from sa_sft.stage import open_stage
@@ -35,8 +35,11 @@ def generate_inputs(cfg: Config, model_path: Path) -> dict:
 def split_shard(result: dict, cfg) -> tuple[list[dict], list[dict]]:
     accepted, rejected = [], []
     for dialogue in result["dialogues"]:
-        reason = rejection_reason(dialogue, cfg.min_turn_chars, cfg.drop_truncated)
-        (rejected if reason else accepted).append({**dialogue, **({"reason": reason} if reason else {})})
+        reason = rejection_reason(dialogue, cfg.min_turn_chars, cfg.drop_truncated, cfg.keep_truncated_answers)
+        if reason:
+            rejected.append({**dialogue, "reason": reason})
+        else:
+            accepted.append(mark_truncated(dialogue))
     return accepted, rejected
 
 

@@ -1,0 +1,55 @@
+import pytest
+
+from sa_sft.config import load_config
+from sa_sft.data.mix import check_self_supply, mix_samples, split_heldout, split_ranks
+from sa_sft.errors import UserError
+
+TASK = [{"id": f"task-{i}", "messages": []} for i in range(100)]
+SELF = [{"id": f"self-{i}", "messages": []} for i in range(80)]
+
+
+def sources(mixed):
+    return [row["source"] for row in mixed]
+
+
+@pytest.mark.parametrize("ratio, expected_self", [(0.0, 0), (0.25, 25), (0.5, 50), (0.8, 80)])
+def test_ratio_is_self_samples_per_task_sample(ratio, expected_self):
+    mixed = mix_samples(TASK, SELF, ratio, seed=1)
+    assert sources(mixed).count("task") == 100
+    assert sources(mixed).count("self") == expected_self
+    assert len({row["id"] for row in mixed}) == len(mixed)
+
+
+def test_same_seed_same_order_other_seed_other_order():
+    a = [row["id"] for row in mix_samples(TASK, SELF, 0.5, seed=1)]
+    b = [row["id"] for row in mix_samples(TASK, SELF, 0.5, seed=1)]
+    c = [row["id"] for row in mix_samples(TASK, SELF, 0.5, seed=2)]
+    assert a == b and a != c and sorted(a) == sorted(c)
+    # Shuffled: self-dialogues are spread through the data, not appended at the end.
+    first_half = sources(mix_samples(TASK, SELF, 0.5, seed=1))[:75]
+    assert 10 < first_half.count("self") < 40
+
+
+def test_too_few_self_dialogues_is_a_clear_error():
+    with pytest.raises(UserError, match="needs 100 self-dialogues .* only 80"):
+        mix_samples(TASK, SELF, 1.0, seed=1)
+
+
+def test_heldout_split_is_seeded_and_disjoint():
+    train, held = split_heldout(TASK, 10, seed=3, name="task")
+    assert len(held) == 10 and len(train) == 90
+    assert not {r["id"] for r in held} & {r["id"] for r in train}
+    assert split_heldout(TASK, 10, seed=3, name="task")[1] == held
+
+
+def test_split_ranks_equal_lengths():
+    parts = split_ranks(list(range(11)), 2)
+    assert [len(p) for p in parts] == [5, 5]
+    assert parts[0] == [0, 2, 4, 6, 8] and parts[1] == [1, 3, 5, 7, 9]
+
+
+def test_self_supply_checked_before_generation():
+    cfg = load_config("tiny", ["mix.self_ratio=2.0"])
+    with pytest.raises(UserError, match="generate.num_samples \\(48\\) is too small"):
+        check_self_supply(cfg, task_rows=999)
+    check_self_supply(load_config("tiny"), task_rows=999)
