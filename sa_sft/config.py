@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from sa_sft.errors import UserError
+from sa_sft.generate.filters import DEFAULT_REFUSALS
 
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -44,7 +45,8 @@ class DataConfig:
 
 @dataclass
 class GenerateConfig:
-    strategy: Literal["self_dialogue"] = opt("self_dialogue", help="how the base model writes its own data")
+    strategy: Literal["self_dialogue", "topic_prompted", "rewrite"] = opt(
+        "self_dialogue", help="self_dialogue (Magpie-style), topic_prompted (asked for a question), rewrite (SDFT: task answers in its own words)")
     turns: int = opt(2, min=2, help="messages per dialogue, alternating user/assistant (2: one exchange)")
     num_samples: int = opt(256, min=0, help="accepted self-dialogues to produce (training + held out)")
     shard_size: int = opt(64, min=1, help="dialogues per shard (the unit of work, resume and determinism)")
@@ -57,6 +59,13 @@ class GenerateConfig:
     min_turn_chars: int = opt(8, min=0, help="shorter turns are rejected")
     drop_truncated: bool = opt(True, help="reject dialogues whose turns hit the token cap")
     keep_truncated_answers: bool = opt(True, help="keep a final answer cut at the token cap (its text is trained, no end-of-turn)")
+    filter_wrong_role: bool = opt(True, help="reject turns that write a role header (the model speaking for the other side)")
+    max_repeated_ngram_fraction: float = opt(0.5, min=0.0, max=1.0, help="reject turns whose repeated word 4-grams exceed this share (1: off)")
+    refusal_patterns: list[str] = opt(list(DEFAULT_REFUSALS), help="regexes; an answer matching one is rejected ([]: off)")
+    dedup: bool = opt(True, help="reject exact and near-duplicate user turns across all shards")
+    near_dup_threshold: float = opt(0.8, min=0.0, max=1.0, help="Jaccard similarity of word 5-grams counted as a near duplicate (1: exact only)")
+    contamination_paths: list[str] = opt([], help="JSONL evaluation sets; dialogues sharing a word n-gram with them are rejected")
+    contamination_ngram: int = opt(8, min=3, help="n of the contamination n-gram check")
     engines: int = opt(1, min=1, results=False, help="data-parallel vLLM engines (Ray actors)")
     tensor_parallel_size: int = opt(1, min=1, results=False, help="devices per engine")
     device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="where engines run")
@@ -165,6 +174,9 @@ def check_consistency(cfg: "Config") -> "Config":
     """Checks that involve more than one key."""
     if cfg.generate.turns % 2:
         raise UserError(f"config key generate.turns must be even (dialogues end with the assistant); got {cfg.generate.turns}")
+    if cfg.generate.strategy == "rewrite" and (cfg.mix.self_ratio or cfg.data.heldout_self):
+        raise UserError("generate.strategy=rewrite replaces the task answers with the model's rewrites; "
+                        "set mix.self_ratio=0 and data.heldout_self=0")
     if cfg.generate.num_samples < cfg.data.heldout_self:
         raise UserError(f"config key generate.num_samples ({cfg.generate.num_samples}) must be at least "
                         f"data.heldout_self ({cfg.data.heldout_self})")
@@ -230,6 +242,11 @@ def check_value(key: str, value, kind, meta):
         if value is None:
             return None
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if origin is list:
+        item_kind = typing.get_args(kind)[0]
+        if not isinstance(value, list):
+            raise UserError(f"config key {key} must be a list; got {value!r}")
+        return [check_value(f"{key}[{i}]", v, item_kind, {}) for i, v in enumerate(value)]
     if kind is bool:
         if not isinstance(value, bool):
             raise UserError(f"config key {key} must be true or false; got {value!r}")

@@ -48,7 +48,7 @@ def task_train_count(cfg: Config, task_rows: int) -> int:
 def check_self_supply(cfg: Config, task_rows: int) -> None:
     """Fail before generation if generate.num_samples cannot cover lambda x task rows + the held-out ones."""
     needed = round(cfg.mix.self_ratio * task_train_count(cfg, task_rows)) + cfg.data.heldout_self
-    if cfg.generate.num_samples < needed:
+    if cfg.generate.strategy != "rewrite" and cfg.generate.num_samples < needed:
         raise UserError(f"config key generate.num_samples ({cfg.generate.num_samples}) is too small: "
                         f"mix.self_ratio={cfg.mix.self_ratio} x {task_train_count(cfg, task_rows)} task rows "
                         f"+ data.heldout_self={cfg.data.heldout_self} needs {needed}")
@@ -77,7 +77,13 @@ def run_mix(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
 
     task_rows = task_data.rows[: cfg.data.max_task_samples or None]
     task_train, task_heldout = split_heldout(task_rows, cfg.data.heldout_task, cfg.seed, "task")
-    self_train, self_heldout = split_heldout(load_self_dialogues(run_dir), cfg.data.heldout_self, cfg.seed, "self")
+    generated = load_self_dialogues(run_dir)
+    if cfg.generate.strategy == "rewrite":
+        # SDFT-style: train on the model's own rewrites of the task answers; evaluate on the originals.
+        rewrites = {row["task_id"]: row["messages"] for row in generated}
+        task_train = [{**row, "messages": rewrites.get(row["id"], row["messages"])} for row in task_train]
+        generated = []
+    self_train, self_heldout = split_heldout(generated, cfg.data.heldout_self, cfg.seed, "self")
     if not task_train:
         raise UserError(f"{task_data.path}: no task rows left for training after holding out "
                         f"data.heldout_task={cfg.data.heldout_task}")

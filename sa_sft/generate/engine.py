@@ -74,51 +74,50 @@ class EngineActor:
                 "fast_top_p": self.fast_top_p,
                 "startup_seconds": round(self.startup_seconds, 1)}
 
-    def generate_shard(self, shard: int, run_seed: int, shard_size: int, sampling: dict) -> dict:
-        """Write one shard of self-dialogues.
+    def generate_shard(self, shard: int, run_seed: int, shard_size: int, sampling: dict,
+                       task_rows: list[dict] | None = None) -> dict:
+        """Write one shard: `shard_size` dialogues, or one rewrite per task row for `rewrite`.
 
-        All dialogues of the shard are in flight at once, and each turn is queued the moment the
-        previous one finishes, so the engine's batch stays full (continuous batching) instead of
-        draining at every turn boundary. Every request carries its own seed.
+        All dialogues of the shard are in flight at once, and each dialogue's next request is
+        queued the moment its previous one finishes, so the engine's batch stays full
+        (continuous batching) instead of draining at every turn boundary. Every request
+        carries its own seed.
         """
         from vllm import SamplingParams
 
-        from sa_sft.generate.strategies import dialogue_id, next_turn
+        from sa_sft.generate import strategies
 
         started = time.time()
         engine = self.llm.llm_engine
-        dialogues = [{"id": dialogue_id(shard, i), "messages": [], "finish_reasons": [], "tokens": [],
-                      "seeds": [], "shard": shard} for i in range(shard_size)]
-        owner: dict[str, int] = {}
+        strategy = sampling["strategy"]
+        states = ([strategies.new_state(shard, i, row) for i, row in enumerate(task_rows)] if task_rows is not None
+                  else [strategies.new_state(shard, i) for i in range(shard_size)])
+        in_flight: dict[str, tuple[int, strategies.Turn]] = {}
 
         def submit(index: int) -> None:
-            d = dialogues[index]
-            turn = next_turn(self.tokenizer, run_seed, shard, index, d["messages"],
-                             sampling["max_user_tokens"], sampling["max_assistant_tokens"])
+            turn = strategies.next_turn(strategy, self.tokenizer, run_seed, states[index], sampling)
+            if turn is None:
+                return
             params = SamplingParams(temperature=sampling["temperature"], top_p=sampling["top_p"],
                                     top_k=sampling["top_k"], max_tokens=turn.max_tokens, seed=turn.seed,
                                     stop_token_ids=self.stop_ids, skip_special_tokens=True)
             prompt = {"prompt_token_ids": self.tokenizer(turn.prompt, add_special_tokens=False)["input_ids"]}
-            request_id = f"{d['id']}-t{len(d['messages'])}"
+            request_id = f"{states[index]['id']}-{len(states[index]['seeds'])}"
             engine.add_request(request_id, prompt, params)
-            owner[request_id] = index
-            d["seeds"].append(turn.seed)
+            in_flight[request_id] = (index, turn)
 
-        for index in range(shard_size):
+        for index in range(len(states)):
             submit(index)
         tokens = 0
         while engine.has_unfinished_requests():
             for output in engine.step():
                 if not output.finished:
                     continue
-                index = owner.pop(output.request_id)
-                d = dialogues[index]
+                index, turn = in_flight.pop(output.request_id)
                 completion = output.outputs[0]
-                role = "user" if len(d["messages"]) % 2 == 0 else "assistant"
-                d["messages"].append({"role": role, "content": completion.text.strip()})
-                d["finish_reasons"].append(completion.finish_reason)
-                d["tokens"].append(len(completion.token_ids))
+                strategies.apply_completion(states[index], turn, completion.text, completion.finish_reason,
+                                            len(completion.token_ids))
                 tokens += len(completion.token_ids)
-                if len(d["messages"]) < sampling["turns"]:
-                    submit(index)
-        return {"shard": shard, "dialogues": dialogues, "seconds": time.time() - started, "tokens": tokens}
+                submit(index)
+        return {"shard": shard, "dialogues": [strategies.finish_state(s) for s in states],
+                "seconds": time.time() - started, "tokens": tokens}

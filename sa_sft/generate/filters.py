@@ -1,15 +1,71 @@
-"""Filters over generated dialogues: pure functions returning a rejection reason or None."""
+"""Filters over generated dialogues. Per-dialogue checks are pure functions returning a
+rejection reason or None; duplicate and contamination checks keep state across shards."""
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass, field
+
+# Role headers a model leaks when it writes the other side's turn ("User: ...", "<|im_start|>assistant").
+WRONG_ROLE = re.compile(r"<\|im_(start|end)\|>|(^|\n)\s*(user|assistant|human|ai|system)\s*:", re.IGNORECASE)
+DEFAULT_REFUSALS = (
+    r"\bas an ai\b",
+    r"\bi(?:'m| am) (?:sorry|unable|not able)\b.{0,40}\b(?:can(?:no|')t|unable|not able)\b",
+    r"\bi can(?:no|')t (?:help|assist|provide|do) (?:with )?that\b",
+)
 
 
-def rejection_reason(dialogue: dict, min_turn_chars: int, drop_truncated: bool,
-                     keep_truncated_answers: bool) -> str | None:
+def normalize(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).lower()
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text)).strip()
+
+
+def words(text: str) -> list[str]:
+    return normalize(text).split()
+
+
+def repeated_ngram_fraction(text: str, n: int) -> float:
+    """Share of word n-grams that repeat an earlier one: near 0 for prose, high for loops."""
+    tokens = words(text)
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1 - len(set(grams)) / len(grams)
+
+
+@dataclass
+class FilterSettings:
+    min_turn_chars: int = 8
+    drop_truncated: bool = True
+    keep_truncated_answers: bool = True
+    filter_wrong_role: bool = True
+    max_repeated_ngram_fraction: float = 0.5
+    repeated_ngram_size: int = 4
+    refusal_patterns: tuple = DEFAULT_REFUSALS
+
+    @classmethod
+    def from_config(cls, gcfg) -> "FilterSettings":
+        return cls(min_turn_chars=gcfg.min_turn_chars, drop_truncated=gcfg.drop_truncated,
+                   keep_truncated_answers=gcfg.keep_truncated_answers, filter_wrong_role=gcfg.filter_wrong_role,
+                   max_repeated_ngram_fraction=gcfg.max_repeated_ngram_fraction,
+                   refusal_patterns=tuple(gcfg.refusal_patterns))
+
+
+def rejection_reason(dialogue: dict, settings: FilterSettings) -> str | None:
+    """Why one dialogue is unusable on its own, or None."""
     last = len(dialogue["messages"]) - 1
+    refusals = [re.compile(p, re.IGNORECASE) for p in settings.refusal_patterns]
     for i, (message, finish) in enumerate(zip(dialogue["messages"], dialogue["finish_reasons"])):
-        role = message["role"]
-        if len(message["content"].strip()) < max(1, min_turn_chars):
+        role, text = message["role"], message["content"]
+        if len(text.strip()) < max(1, settings.min_turn_chars):
             return f"short_{role}"
-        if finish == "length" and drop_truncated and not (keep_truncated_answers and i == last):
+        if finish == "length" and settings.drop_truncated and not (settings.keep_truncated_answers and i == last):
             return f"truncated_{role}"
+        if settings.filter_wrong_role and WRONG_ROLE.search(text):
+            return f"wrong_role_{role}"
+        if repeated_ngram_fraction(text, settings.repeated_ngram_size) > settings.max_repeated_ngram_fraction:
+            return f"degenerate_{role}"
+        if role == "assistant" and any(p.search(text) for p in refusals):
+            return "refusal"
     return None
 
 
@@ -18,3 +74,61 @@ def mark_truncated(dialogue: dict) -> dict:
     messages = [{**m, "truncated": True} if finish == "length" else m
                 for m, finish in zip(dialogue["messages"], dialogue["finish_reasons"])]
     return {**dialogue, "messages": messages}
+
+
+def shingles(text: str, n: int = 5) -> set:
+    tokens = words(text)
+    return {" ".join(tokens[i:i + n]) for i in range(max(1, len(tokens) - n + 1))}
+
+
+def minhash_signature(items: set, num_perm: int) -> tuple:
+    """MinHash over salted 64-bit hashes: P(equal slot) = Jaccard similarity of the sets."""
+    sig = []
+    for seed in range(num_perm):
+        salt = seed.to_bytes(2, "little")
+        sig.append(min(int.from_bytes(hashlib.blake2b(salt + s.encode(), digest_size=8).digest(), "little")
+                       for s in items) if items else 0)
+    return tuple(sig)
+
+
+@dataclass
+class DuplicateIndex:
+    """Exact (normalized hash) and near (MinHash LSH over word 5-grams) duplicates of user turns,
+    across every shard seen so far. Shards are fed in shard order, so the first copy wins."""
+    near_threshold: float = 0.8
+    num_perm: int = 32
+    bands: int = 8
+    exact: set = field(default_factory=set)
+    buckets: dict = field(default_factory=dict)
+
+    def check_and_add(self, text: str) -> str | None:
+        key = hashlib.sha256(normalize(text).encode()).hexdigest()
+        if key in self.exact:
+            return "duplicate"
+        items = shingles(text)
+        sig = minhash_signature(items, self.num_perm)
+        rows = self.num_perm // self.bands
+        band_keys = [(b, sig[b * rows:(b + 1) * rows]) for b in range(self.bands)]
+        for band in band_keys:
+            for other_items in self.buckets.get(band, ()):
+                if len(items & other_items) / max(1, len(items | other_items)) >= self.near_threshold:
+                    return "near_duplicate"
+        self.exact.add(key)
+        for band in band_keys:
+            self.buckets.setdefault(band, []).append(items)
+        return None
+
+
+@dataclass
+class ContaminationIndex:
+    """Word n-grams of evaluation texts; a dialogue sharing any of them is contaminated."""
+    n: int = 8
+    grams: set = field(default_factory=set)
+
+    def add(self, text: str) -> None:
+        tokens = words(text)
+        self.grams.update(" ".join(tokens[i:i + self.n]) for i in range(len(tokens) - self.n + 1))
+
+    def hits(self, text: str) -> bool:
+        tokens = words(text)
+        return any(" ".join(tokens[i:i + self.n]) in self.grams for i in range(len(tokens) - self.n + 1))

@@ -4,6 +4,8 @@ Shard k is a pure function of (run seed, k). Shards are generated until the acce
 dialogues in shard order reach `generate.num_samples`; the first that many are used, so
 the result is the same whatever the number of engines or interruptions.
 """
+import collections
+import json
 import logging
 import math
 import time
@@ -13,7 +15,9 @@ from tqdm import tqdm
 
 from sa_sft.config import Config, section_for_results
 from sa_sft.errors import UserError
-from sa_sft.generate.filters import mark_truncated, rejection_reason
+from sa_sft.generate.filters import (ContaminationIndex, DuplicateIndex, FilterSettings, mark_truncated,
+                                     rejection_reason)
+from sa_sft.data.task import read_task_data
 from sa_sft.io import atomic_write_jsonl, read_json, read_jsonl, sha256_file
 from sa_sft.models import cache_dir, model_identity, resolve_model
 from sa_sft.stage import open_stage
@@ -27,20 +31,88 @@ def shard_path(stage_dir: Path, shard: int) -> Path:
     return stage_dir / "shards" / f"shard-{shard:05d}.jsonl"
 
 
-def generate_inputs(cfg: Config, model_path: Path) -> dict:
-    return {"model": model_identity(model_path), "seed": cfg.seed,
-            "generate": section_for_results(cfg.generate)}
+def generate_inputs(cfg: Config, model_path: Path, task_data) -> dict:
+    inputs = {"model": model_identity(model_path), "seed": cfg.seed, "generate": section_for_results(cfg.generate)}
+    if task_data is not None:
+        inputs.update(task_sha256=sha256_file(task_data.path), max_task_samples=cfg.data.max_task_samples)
+    return inputs
 
 
-def split_shard(result: dict, cfg) -> tuple[list[dict], list[dict]]:
+def split_shard(result: dict, settings: FilterSettings | None) -> tuple[list[dict], list[dict]]:
+    """Per-dialogue filters; cross-shard ones (duplicates, contamination) run at selection.
+    Rewrites (settings None) are never rejected: a failed check already kept the original."""
+    if settings is None:
+        return result["dialogues"], []
     accepted, rejected = [], []
     for dialogue in result["dialogues"]:
-        reason = rejection_reason(dialogue, cfg.min_turn_chars, cfg.drop_truncated, cfg.keep_truncated_answers)
+        reason = rejection_reason(dialogue, settings)
         if reason:
             rejected.append({**dialogue, "reason": reason})
         else:
             accepted.append(mark_truncated(dialogue))
     return accepted, rejected
+
+
+def strings_in(obj) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return [s for item in obj for s in strings_in(item)] if isinstance(obj, list) else []
+
+
+def contamination_index(gcfg) -> ContaminationIndex | None:
+    """Word n-grams of every string (questions, choices, answers, messages) in the named eval sets."""
+    if not gcfg.contamination_paths:
+        return None
+    index = ContaminationIndex(n=gcfg.contamination_ngram)
+    for spec in gcfg.contamination_paths:
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"generate.contamination_paths: {spec} does not exist")
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+                for text in strings_in(row):
+                    index.add(text)
+    return index
+
+
+def select(stage_dir: Path, planned: int, target: int, dups: DuplicateIndex | None,
+           contamination: ContaminationIndex | None) -> tuple[list[dict], int, list[dict]]:
+    """Walk the shards in order, dropping duplicates and contaminated dialogues, until `target`.
+
+    Returns per-shard records (rows taken from the file, ids skipped within them), the count
+    selected, and the dropped dialogues with their reasons.
+    """
+    shards, dropped, have = [], [], 0
+    for k in range(planned):
+        path = shard_path(stage_dir, k)
+        rows = read_jsonl(path)
+        take, skip = 0, []
+        for row in rows:
+            if have >= target:
+                break
+            take += 1
+            text = " ".join(m["content"] for m in row["messages"])
+            reason = "contaminated" if contamination and contamination.hits(text) else None
+            if reason is None and dups is not None:
+                reason = dups.check_and_add(row["messages"][0]["content"])
+            if reason:
+                skip.append(row["id"])
+                dropped.append({**row, "reason": reason})
+            else:
+                have += 1
+        shards.append({"file": str(path.relative_to(stage_dir)), "rows": len(rows), "take": take,
+                       "skip": skip, "sha256": sha256_file(path)})
+        if have >= target:
+            break
+    return shards, have, dropped
 
 
 def write_shard(stage_dir: Path, shard: int, accepted: list[dict], rejected: list[dict]) -> None:
@@ -52,58 +124,60 @@ def write_shard(stage_dir: Path, shard: int, accepted: list[dict], rejected: lis
 def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     gcfg = cfg.generate
     model_path = resolve_model(cfg.model.path)
-    stage = open_stage(run_dir, "generate", generate_inputs(cfg, model_path), overwrite)
+    rewrite = gcfg.strategy == "rewrite"
+    task_rows = None
+    if rewrite:
+        task_data = read_task_data(cfg.data.task_path, cfg.data.on_bad_row)
+        task_rows = task_data.rows[: cfg.data.max_task_samples or None]
+    stage = open_stage(run_dir, "generate", generate_inputs(cfg, model_path, task_data if rewrite else None), overwrite)
     if stage is None:
         return read_json(run_dir / "generate" / "manifest.json")
 
-    accepted_per_shard: dict[int, int] = {}
-    for path in sorted((stage.dir / "shards").glob("shard-*.jsonl")):
-        accepted_per_shard[int(path.stem.split("-")[1])] = len(read_jsonl(path))
-    if accepted_per_shard:
-        log.info("generate: %d shards already on disk; generating only the missing ones", len(accepted_per_shard))
-
-    target = gcfg.num_samples
+    done = {int(p.stem.split("-")[1]) for p in (stage.dir / "shards").glob("shard-*.jsonl")}
+    if done:
+        log.info("generate: %d shards already on disk; generating only the missing ones", len(done))
+    settings = None if rewrite else FilterSettings.from_config(gcfg)
+    contamination = None if rewrite else contamination_index(gcfg)
+    target = len(task_rows) if rewrite else gcfg.num_samples
     planned = math.ceil(target / gcfg.shard_size)
     max_shards = gcfg.max_shards or 4 * max(planned, 1)
-    counters = {"tokens": 0, "engine_seconds": 0.0, "shards_generated": 0, "rejected": {}}
-    pool = None
+    sampling = {k: getattr(gcfg, k) for k in ("strategy", "temperature", "top_p", "top_k", "turns",
+                                              "max_user_tokens", "max_assistant_tokens")}
+    tokens, pool = 0, None
     from sa_sft.generate.pool import EnginePool, ray_session
 
     with ray_session(gcfg.ray_address):
         try:
             bar = tqdm(total=target, unit="dlg", desc="generate", dynamic_ncols=True)
-            bar.update(min(target, sum(accepted_per_shard.values())))
             started = time.time()
             while True:
-                todo = [k for k in range(planned) if k not in accepted_per_shard]
+                todo = [k for k in range(planned) if k not in done]
                 if todo and pool is None:
                     log.info("generate: starting %d vLLM engine(s) for %s (%s)", gcfg.engines, model_path, gcfg.device)
                     pool = EnginePool(gcfg, str(model_path), cfg.model.trust_remote_code, cfg.seed, str(cache_dir()))
                     log.info("generate: engines ready: %s", pool.info)
-                sampling = {k: getattr(gcfg, k) for k in ("temperature", "top_p", "top_k", "turns",
-                                                          "max_user_tokens", "max_assistant_tokens")}
-                call = lambda actor, shard: actor.generate_shard.remote(shard, cfg.seed, gcfg.shard_size, sampling)
+                def call(actor, shard):
+                    rows = task_rows[shard * gcfg.shard_size:(shard + 1) * gcfg.shard_size] if rewrite else None
+                    return actor.generate_shard.remote(shard, cfg.seed, gcfg.shard_size, sampling, rows)
+
                 for result in (pool.map_shards(todo, call) if todo else ()):
-                    accepted, rejected = split_shard(result, gcfg)
+                    accepted, rejected = split_shard(result, settings)
                     write_shard(stage.dir, result["shard"], accepted, rejected)
-                    accepted_per_shard[result["shard"]] = len(accepted)
-                    counters["tokens"] += result["tokens"]
-                    counters["engine_seconds"] += result["seconds"]
-                    counters["shards_generated"] += 1
-                    for r in rejected:
-                        counters["rejected"][r["reason"]] = counters["rejected"].get(r["reason"], 0) + 1
+                    done.add(result["shard"])
+                    tokens += result["tokens"]
                     bar.update(min(len(accepted), target - bar.n))
-                    bar.set_postfix(tok_s=f"{counters['tokens'] / max(time.time() - started, 1e-9):.0f}")
-                have = sum(accepted_per_shard[k] for k in range(planned))
+                    bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
+                dups = DuplicateIndex(near_threshold=gcfg.near_dup_threshold) if gcfg.dedup and not rewrite else None
+                shards, have, dropped = select(stage.dir, planned, target, dups, contamination)
                 if have >= target:
                     break
                 observed_yield = have / (planned * gcfg.shard_size)
-                extra = math.ceil((target - have) / max(observed_yield, MIN_YIELD) / gcfg.shard_size)
                 if planned >= max_shards:
                     raise UserError(
                         f"generate: only {have} of {target} dialogues passed the filters in {planned} shards "
                         f"(yield {observed_yield:.0%}); see {stage.dir / 'rejected'} and relax the filters "
                         f"(generate.drop_truncated, generate.min_turn_chars, generate.max_*_tokens) or raise generate.max_shards")
+                extra = math.ceil((target - have) / max(observed_yield, MIN_YIELD) / gcfg.shard_size)
                 log.info("generate: %d of %d accepted (yield %.0f%%); adding %d shard(s)",
                          have, target, 100 * observed_yield, extra)
                 planned = min(planned + extra, max_shards)
@@ -112,36 +186,40 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
             if pool is not None:
                 pool.close()
 
-    shards, remaining = [], target
+    atomic_write_jsonl(stage.dir / "rejected" / "selection.jsonl", dropped)
+    reasons = collections.Counter(row["reason"] for row in dropped)
     for k in range(planned):
-        path = shard_path(stage.dir, k)
-        use = min(accepted_per_shard[k], remaining)
-        shards.append({"file": str(path.relative_to(stage.dir)), "accepted": accepted_per_shard[k],
-                       "used": use, "sha256": sha256_file(path)})
-        remaining -= use
-    wall = time.time() - stage.started
+        reasons.update(row["reason"] for row in read_jsonl(stage.dir / "rejected" / f"shard-{k:05d}.jsonl"))
+    kept_original = collections.Counter(row.get("kept_original") for row in load_rows(stage.dir, shards)) if rewrite else {}
     manifest = stage.finish(
         num_samples=target,
+        strategy=gcfg.strategy,
+        **({"rewrites_kept_original": {k: v for k, v in kept_original.items() if k}} if rewrite else {}),
         num_generated=planned * gcfg.shard_size,
         shards=shards,
-        rejected=counters["rejected"],
-        tokens_generated_this_run=counters["tokens"],
-        tokens_per_second=round(counters["tokens"] / wall, 1) if counters["tokens"] else None,
+        rejected=dict(sorted(reasons.items())),
+        tokens_generated_this_run=tokens,
+        tokens_per_second=round(tokens / (time.time() - stage.started), 1) if tokens else None,
         engines=gcfg.engines,
         engine_restarts=pool.restarts if pool else 0,
     )
-    log.info("generate: %d self-dialogues from %d shards in %.0f s", target, planned, manifest["seconds"])
+    log.info("generate: %d self-dialogues from %d shards in %.0f s (rejected: %s)",
+             target, planned, manifest["seconds"], manifest["rejected"])
     return manifest
 
 
-def load_self_dialogues(run_dir: Path) -> list[dict]:
-    """The accepted self-dialogues the manifest lists, checked against their recorded hashes."""
-    stage_dir = Path(run_dir) / "generate"
-    manifest = read_json(stage_dir / "manifest.json")
-    dialogues = []
-    for shard in manifest["shards"]:
+def load_rows(stage_dir: Path, shards: list[dict]) -> list[dict]:
+    rows = []
+    for shard in shards:
         path = stage_dir / shard["file"]
         if sha256_file(path) != shard["sha256"]:
             raise UserError(f"{path} changed since generation (hash mismatch); rerun generate with --overwrite")
-        dialogues += read_jsonl(path)[: shard["used"]]
-    return dialogues
+        skip = set(shard["skip"])
+        rows += [row for row in read_jsonl(path)[: shard["take"]] if row["id"] not in skip]
+    return rows
+
+
+def load_self_dialogues(run_dir: Path) -> list[dict]:
+    """The accepted self-dialogues (or rewrites) the manifest lists, checked against their recorded hashes."""
+    stage_dir = Path(run_dir) / "generate"
+    return load_rows(stage_dir, read_json(stage_dir / "manifest.json")["shards"])

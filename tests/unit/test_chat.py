@@ -63,17 +63,3 @@ def test_truncated_answer_carries_no_end_of_turn(tokenizer):
            {"role": "assistant", "content": "Once upon a time there", "truncated": True}]
     tokens = tokenize_conversation(tokenizer, cut, max_len=4096)
     assert [tokenizer.decode(run) for run in loss_runs(tokens)] == ["Once upon a time there"]
-
-
-def test_filters_and_truncation_marks():
-    from sa_sft.generate.filters import mark_truncated, rejection_reason
-    d = {"messages": [{"role": "user", "content": "A fine question?"}, {"role": "assistant", "content": "An answer that"}],
-         "finish_reasons": ["stop", "length"]}
-    assert rejection_reason(d, 3, drop_truncated=True, keep_truncated_answers=True) is None
-    assert rejection_reason(d, 3, drop_truncated=True, keep_truncated_answers=False) == "truncated_assistant"
-    assert rejection_reason(d, 3, drop_truncated=False, keep_truncated_answers=False) is None
-    assert mark_truncated(d)["messages"][1]["truncated"] is True and "truncated" not in mark_truncated(d)["messages"][0]
-    cut_user = {**d, "finish_reasons": ["length", "stop"]}
-    assert rejection_reason(cut_user, 3, drop_truncated=True, keep_truncated_answers=True) == "truncated_user"
-    short = {**d, "messages": [{"role": "user", "content": "Hi"}, d["messages"][1]], "finish_reasons": ["stop", "stop"]}
-    assert rejection_reason(short, 3, drop_truncated=True, keep_truncated_answers=True) == "short_user"
