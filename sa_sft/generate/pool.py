@@ -16,6 +16,7 @@ from sa_sft.generate.engine import EngineActor, engine_env, engine_kwargs
 log = logging.getLogger("sa_sft.generate")
 
 READY_TIMEOUT_S = 1800
+ENGINE_NAMESPACE = "sa_sft"
 
 
 @contextlib.contextmanager
@@ -42,6 +43,7 @@ class EnginePool:
         self.kwargs = engine_kwargs(cfg, model_path, trust_remote_code, seed)
         self.cache_root = cache_root
         self.placement_groups: list = [None] * cfg.engines
+        self.started = 0
         self.actors = [self._start(i) for i in range(cfg.engines)]
         self.restarts = 0
         self.info = self._wait_ready(range(cfg.engines))
@@ -55,7 +57,10 @@ class EnginePool:
     def _start(self, index: int):
         cfg = self.cfg
         cpu_ids = self._cpu_layout(index)
-        options = {"runtime_env": {"env_vars": engine_env(cfg, index, cpu_ids, self.cache_root)}}
+        self.started += 1
+        # Named so operators (and the fault tests) can find an engine: `ray list actors`, ray.get_actor.
+        options = {"runtime_env": {"env_vars": engine_env(cfg, index, cpu_ids, self.cache_root)},
+                   "name": f"sa_sft_engine_{index}_{self.started}", "namespace": ENGINE_NAMESPACE}
         if cfg.device == "cpu":
             options["num_cpus"] = len(cpu_ids)
         elif cfg.tensor_parallel_size == 1:
@@ -86,30 +91,39 @@ class EnginePool:
         self.actors[index] = self._start(index)
         self._wait_ready([index])
 
-    def map_shards(self, shards: Iterable[int], call: Callable, max_restarts: int = 3) -> Iterator[dict]:
-        """Run `call(actor, shard)` for each shard on idle engines; yield results as they finish."""
+    def map_shards(self, shards: Iterable[int], call: Callable, max_restarts: int = 3,
+                   depth: int = 2) -> Iterator[dict]:
+        """Run `call(actor, shard)` for each shard; yield results as they finish.
+
+        Each engine holds up to `depth` shards (the next one waits in the actor's queue), so it
+        never idles while the driver writes a result. A dead engine is replaced once and every
+        shard it held is re-queued.
+        """
         pending = deque(shards)
-        idle = deque(range(len(self.actors)))
+        slots = deque(engine for _ in range(depth) for engine in range(len(self.actors)))
         in_flight: dict = {}
         while pending or in_flight:
-            while idle and pending:
-                engine, shard = idle.popleft(), pending.popleft()
-                in_flight[call(self.actors[engine], shard)] = (engine, shard)
+            while slots and pending:
+                engine, shard = slots.popleft(), pending.popleft()
+                actor = self.actors[engine]
+                in_flight[call(actor, shard)] = (engine, shard, actor)
             [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            engine, shard = in_flight.pop(ref)
+            engine, shard, actor = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as err:
+                pending.appendleft(shard)
+                if actor is not self.actors[engine]:
+                    continue  # another shard of the same dead engine; it was replaced already
                 self.restarts += 1
                 if self.restarts > max_restarts:
                     raise UserError(f"generate: engines died {self.restarts} times; last: {err}") from None
-                log.warning("engine %d died while generating shard %d; replacing it and re-queueing the shard",
+                log.warning("engine %d died while generating shard %d; replacing it and re-queueing its shards",
                             engine, shard)
                 self._replace(engine)
-                pending.appendleft(shard)
-                idle.append(engine)
+                slots.extend([engine] * depth)
                 continue
-            idle.append(engine)
+            slots.append(engine)
             yield result
 
     def close(self) -> None:

@@ -1,0 +1,111 @@
+"""The generate stage with real vLLM engines in real Ray actors, on the tiny model."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+TINY = ["generate.max_user_tokens=12", "generate.max_assistant_tokens=12", "generate.shard_size=8"]
+
+
+def run_cli(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "sa_sft.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def dialogues(run_dir: Path) -> dict:
+    from sa_sft.generate.stage import load_self_dialogues
+    return {d["id"]: d["messages"] for d in load_self_dialogues(run_dir)}
+
+
+def test_same_samples_with_one_and_two_engines(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for run_dir, engines in ((one, 1), (two, 2)):
+        proc = run_cli("generate", "tiny", f"output_dir={run_dir}", f"generate.engines={engines}",
+                       "generate.num_samples=32", *TINY)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = dialogues(one), dialogues(two)
+    assert len(a) == 32 and a == b
+    manifest = json.loads((two / "generate" / "manifest.json").read_text())
+    assert manifest["engines"] == 2 and manifest["num_samples"] == 32
+
+
+def test_sigkill_mid_run_then_rerun_gives_exactly_the_requested_unique_samples(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "sa_sft.cli", "generate", "tiny", f"output_dir={run_dir}",
+            "generate.num_samples=64", *TINY]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shards = run_dir / "generate" / "shards"
+    deadline = time.time() + 600
+    while len(list(shards.glob("shard-*.jsonl"))) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "generation finished before it could be killed; make it longer"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.name: p.read_bytes() for p in shards.glob("shard-*.jsonl")}
+    assert 2 <= len(before) < 8 and not (run_dir / "generate" / "manifest.json").exists()
+
+    rerun = run_cli("generate", "tiny", f"output_dir={run_dir}", "generate.num_samples=64", *TINY)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "already on disk; generating only the missing ones" in rerun.stderr
+    # Finished shards were kept as they were, not regenerated.
+    assert all((shards / name).read_bytes() == data for name, data in before.items())
+    got = dialogues(run_dir)
+    assert len(got) == 64 and len(set(got)) == 64
+    assert not list((run_dir / "generate").rglob("*.tmp"))
+    # The same as an uninterrupted run.
+    clean = tmp_path / "clean"
+    assert run_cli("generate", "tiny", f"output_dir={clean}", "generate.num_samples=64", *TINY).returncode == 0
+    assert dialogues(clean) == got
+
+
+def test_rerun_of_a_finished_run_does_nothing_and_changed_sampling_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli("generate", "tiny", f"output_dir={run_dir}", "generate.num_samples=16", *TINY).returncode == 0
+    manifest = (run_dir / "generate" / "manifest.json").read_bytes()
+    again = run_cli("generate", "tiny", f"output_dir={run_dir}", "generate.num_samples=16", *TINY)
+    assert again.returncode == 0 and "already complete" in again.stderr
+    assert (run_dir / "generate" / "manifest.json").read_bytes() == manifest
+    changed = run_cli("generate", "tiny", f"output_dir={run_dir}", "generate.num_samples=16",
+                      "generate.temperature=0.9", *TINY)
+    assert changed.returncode == 2
+    assert "generate.temperature: 0.7 -> 0.9" in changed.stderr.strip().splitlines()[-1]
+
+
+def test_engine_killed_mid_run_is_replaced_and_the_run_completes(tmp_path):
+    import ray
+
+    from sa_sft.config import load_config
+    from sa_sft.generate.pool import ENGINE_NAMESPACE
+    from sa_sft.generate.stage import run_generate
+
+    cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}", "generate.num_samples=48", "generate.engines=2",
+                               "generate.max_user_tokens=16", "generate.max_assistant_tokens=32", "generate.shard_size=8"])
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024**2)
+    killed = []
+
+    def kill_one_engine():
+        shards = tmp_path / "run" / "generate" / "shards"
+        deadline = time.time() + 600
+        while not list(shards.glob("shard-*.jsonl")) and time.time() < deadline:
+            time.sleep(0.1)
+        victim = ray.get_actor("sa_sft_engine_0_1", namespace=ENGINE_NAMESPACE)
+        ray.kill(victim, no_restart=True)
+        killed.append(time.time())
+
+    try:
+        killer = threading.Thread(target=kill_one_engine, daemon=True)
+        killer.start()
+        manifest = run_generate(cfg, Path(cfg.output_dir))
+        killer.join(timeout=5)
+    finally:
+        ray.shutdown()
+    assert killed, "the engine was never killed"
+    assert manifest["num_samples"] == 48 and manifest["engine_restarts"] >= 1
+    assert len(dialogues(Path(cfg.output_dir))) == 48
