@@ -1,0 +1,85 @@
+"""Packing tokenized samples into fixed-length sequences, and the masks that keep them apart.
+
+A pack is a row whose `seq_lens` lists the lengths of the samples laid end to end in it.
+The trainer restarts position ids at every sample and gives each token a causal mask over
+its own sample only (a block-diagonal mask), so a packed sample's loss equals its loss
+alone.
+"""
+import torch
+
+from sa_sft.chat import IGNORE_INDEX
+
+
+def pack(samples: list[dict], max_len: int, window: int = 512) -> list[dict]:
+    """First-fit-decreasing over consecutive windows of the (already shuffled) samples.
+
+    Windows keep the data order's randomness at large scale while the bin packing within a
+    window fills sequences to >95% on typical SFT length distributions.
+    """
+    packs = []
+    for start in range(0, len(samples), window):
+        bins: list[list[dict]] = []
+        room: list[int] = []
+        for sample in sorted(samples[start:start + window], key=lambda s: -len(s["input_ids"])):
+            n = len(sample["input_ids"])
+            target = next((i for i, r in enumerate(room) if r >= n), None)
+            if target is None:
+                bins.append([sample])
+                room.append(max_len - n)
+            else:
+                bins[target].append(sample)
+                room[target] -= n
+        for members in bins:
+            packs.append({
+                "id": "+".join(s["id"] for s in members),
+                "input_ids": [t for s in members for t in s["input_ids"]],
+                "labels": [t for s in members for t in s["labels"]],
+                "seq_lens": [len(s["input_ids"]) for s in members],
+                "sources": [s["source"] for s in members],
+            })
+    return packs
+
+
+def packing_efficiency(packs: list[dict], max_len: int) -> float:
+    return sum(len(p["input_ids"]) for p in packs) / max(1, len(packs) * max_len)
+
+
+def position_ids(seq_lens: list[int], width: int) -> torch.Tensor:
+    pos = torch.cat([torch.arange(n) for n in seq_lens]) if seq_lens else torch.zeros(0, dtype=torch.long)
+    return torch.nn.functional.pad(pos, (0, width - len(pos)))
+
+
+def block_causal_mask(seq_lens: list[int], width: int) -> torch.Tensor:
+    """[width, width] bool: token i may attend to token j iff same sample and j <= i. Padding sees itself."""
+    segment = torch.full((width,), -1, dtype=torch.long)
+    offset = 0
+    for k, n in enumerate(seq_lens):
+        segment[offset:offset + n] = k
+        offset += n
+    same = segment[:, None] == segment[None, :]
+    mask = same & torch.ones(width, width, dtype=torch.bool).tril()
+    mask |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves, never to data
+    return mask
+
+
+def collate(rows: list[dict], pad_id: int, packed: bool) -> dict:
+    """Right-pad to the longest row. Packed batches get per-sample position ids and a 4D
+    block-diagonal causal mask; plain batches a 2D padding mask."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+    real = labels.new_zeros(labels.shape, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        real[i, :len(r["input_ids"])] = True
+    batch = {"input_ids": ids, "labels": labels, "real_tokens": real}
+    if packed:
+        lens = [r.get("seq_lens") or [len(r["input_ids"])] for r in rows]
+        batch["position_ids"] = torch.stack([position_ids(l, width) for l in lens])
+        batch["attention_mask"] = torch.stack([block_causal_mask(l, width) for l in lens]).unsqueeze(1)
+    else:
+        batch["attention_mask"] = real.long()
+    return batch
