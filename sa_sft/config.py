@@ -41,6 +41,7 @@ class DataConfig:
     max_task_samples: int = opt(0, min=0, help="use at most this many task rows (0: all)")
     heldout_task: int = opt(64, min=0, help="task rows held out for evaluation")
     heldout_self: int = opt(32, min=0, help="self-dialogues held out for evaluation")
+    external_path: str = opt("", help="optional third source: JSONL of general chat data mixed at mix.external_ratio (the external-data baseline)")
 
 
 @dataclass
@@ -81,7 +82,9 @@ class GenerateConfig:
 
 @dataclass
 class MixConfig:
-    self_ratio: float = opt(1.0, min=0.0, help="lambda: self-dialogue samples per task sample (0: task-only SFT)")
+    self_ratio: float = opt(1.0, min=0.0, help="lambda: self-dialogue samples (or tokens) per task sample (or token); 0: task-only SFT")
+    external_ratio: float = opt(0.0, min=0.0, help="external samples (or tokens) per task sample (or token), from data.external_path")
+    ratio_unit: Literal["samples", "tokens"] = opt("samples", help="what the ratios count")
 
 
 @dataclass
@@ -105,6 +108,14 @@ class TrainConfig:
     max_steps: int = opt(0, min=0, help="optimizer steps (0: as many as the epochs give)")
     max_seq_len: int = opt(1024, min=8, help="longer samples are truncated or dropped")
     overlong: Literal["truncate", "drop"] = opt("truncate", help="what to do with samples over max_seq_len")
+    packing: bool = opt(False, help="pack samples into max_seq_len sequences (no attention across samples)")
+    train_on_prompt: bool = opt(False, help="also put loss on system/user tokens")
+    freeze_embeddings: bool = opt(False, help="freeze the token embeddings (and a tied output head)")
+    freeze_layers: int = opt(0, min=0, help="freeze the bottom N transformer layers (layer-freezing baseline)")
+    freeze_params: list[str] = opt([], help="regexes of parameter names to freeze")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", help="attention kernel")
+    peak_tflops: float = opt(0.0, min=0.0, results=False, help="per-device peak for MFU (0: measure a matmul at start)")
+    tensorboard: bool = opt(True, results=False, help="also log metrics to train/tensorboard")
     checkpoint_every: int = opt(0, min=0, results=False, help="DeepSpeed checkpoint every N steps (0: only at the end)")
     keep_last: int = opt(2, min=1, results=False, help="checkpoints kept")
     log_every: int = opt(1, min=1, results=False, help="steps per line in train/metrics.jsonl")
@@ -177,6 +188,8 @@ def check_consistency(cfg: "Config") -> "Config":
     if cfg.generate.strategy == "rewrite" and (cfg.mix.self_ratio or cfg.data.heldout_self):
         raise UserError("generate.strategy=rewrite replaces the task answers with the model's rewrites; "
                         "set mix.self_ratio=0 and data.heldout_self=0")
+    if cfg.mix.external_ratio and not cfg.data.external_path:
+        raise UserError("config key mix.external_ratio needs data.external_path")
     if cfg.generate.num_samples < cfg.data.heldout_self:
         raise UserError(f"config key generate.num_samples ({cfg.generate.num_samples}) must be at least "
                         f"data.heldout_self ({cfg.data.heldout_self})")

@@ -10,8 +10,9 @@ import random
 import shutil
 from pathlib import Path
 
-from sa_sft.chat import tokenize_conversation
+from sa_sft.chat import IGNORE_INDEX, tokenize_conversation
 from sa_sft.config import Config, section_for_results
+from sa_sft.data.packing import pack, packing_efficiency
 from sa_sft.data.task import read_task_data
 from sa_sft.errors import UserError
 from sa_sft.generate.stage import load_self_dialogues
@@ -29,14 +30,36 @@ def split_heldout(rows: list[dict], n_heldout: int, seed: int, name: str) -> tup
     return order[n_heldout:], order[:n_heldout]
 
 
-def mix_samples(task: list[dict], self_pool: list[dict], self_ratio: float, seed: int) -> list[dict]:
-    """Task rows plus round(self_ratio * len(task)) self-dialogues, shuffled with the seed."""
-    n_self = round(self_ratio * len(task))
-    if n_self > len(self_pool):
-        raise UserError(f"mix.self_ratio={self_ratio} needs {n_self} self-dialogues for {len(task)} task rows "
-                        f"but only {len(self_pool)} are left after holding out data.heldout_self; "
-                        f"raise generate.num_samples by at least {n_self - len(self_pool)}")
-    mixed = [{**row, "source": "task"} for row in task] + [{**row, "source": "self"} for row in self_pool[:n_self]]
+def take_ratio(task: list[dict], pool: list[dict], ratio: float, unit: str, source: str) -> list[dict]:
+    """The first rows of `pool` that make `ratio` x the task data, counted in samples or tokens."""
+    if unit == "samples":
+        n = round(ratio * len(task))
+        if n > len(pool):
+            raise UserError(f"mix: a {source} ratio of {ratio} needs {n} {source} samples for {len(task)} task rows "
+                            f"but only {len(pool)} are available"
+                            + (" after holding out data.heldout_self; raise generate.num_samples by at least "
+                               f"{n - len(pool)}" if source == "self" else ""))
+        return pool[:n]
+    budget = ratio * sum(len(row["input_ids"]) for row in task)
+    chosen, total = [], 0
+    for row in pool:
+        if total >= budget:
+            break
+        chosen.append(row)
+        total += len(row["input_ids"])
+    if total < budget:
+        raise UserError(f"mix: a {source} ratio of {ratio} needs {budget:.0f} {source} tokens but only "
+                        f"{total} are available")
+    return chosen
+
+
+def mix_samples(task: list[dict], self_pool: list[dict], self_ratio: float, seed: int, unit: str = "samples",
+                external: list[dict] = (), external_ratio: float = 0.0) -> list[dict]:
+    """Task rows plus self-dialogues (and external rows) at their ratios, shuffled with the seed."""
+    mixed = [{**row, "source": "task"} for row in task]
+    mixed += [{**row, "source": "self"} for row in take_ratio(task, self_pool, self_ratio, unit, "self")]
+    if external_ratio:
+        mixed += [{**row, "source": "external"} for row in take_ratio(task, list(external), external_ratio, unit, "external")]
     random.Random(f"{seed}/mix").shuffle(mixed)
     return mixed
 
@@ -63,7 +86,9 @@ def split_ranks(samples: list, ranks: int) -> list[list]:
 def mix_inputs(cfg: Config, run_dir: Path, task_path: Path) -> dict:
     return {"generate": upstream_fingerprint(run_dir, "generate"), "task_sha256": sha256_file(task_path),
             "seed": cfg.seed, "data": section_for_results(cfg.data), "mix": section_for_results(cfg.mix),
-            "ranks": cfg.train.ranks, "max_seq_len": cfg.train.max_seq_len, "overlong": cfg.train.overlong}
+            "ranks": cfg.train.ranks, "max_seq_len": cfg.train.max_seq_len, "overlong": cfg.train.overlong,
+            "packing": cfg.train.packing, "train_on_prompt": cfg.train.train_on_prompt,
+            "external_sha256": sha256_file(Path(cfg.data.external_path)) if cfg.data.external_path else None}
 
 
 def run_mix(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
@@ -87,54 +112,76 @@ def run_mix(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     if not task_train:
         raise UserError(f"{task_data.path}: no task rows left for training after holding out "
                         f"data.heldout_task={cfg.data.heldout_task}")
-    mixed = mix_samples(task_train, self_train, cfg.mix.self_ratio, cfg.seed)
+    external = []
+    if cfg.data.external_path:
+        external = read_task_data(cfg.data.external_path, cfg.data.on_bad_row, key="data.external_path").rows
+        random.Random(f"{cfg.seed}/external").shuffle(external)
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code)
-    counts = {src: {"samples": 0, "tokens": 0, "loss_tokens": 0} for src in ("task", "self")}
     dropped = {"overlong": 0, "no_loss_tokens": 0}
     truncated = 0
-    tokenized = []
-    for row in mixed:
-        t = tokenize_conversation(tokenizer, row["messages"], cfg.train.max_seq_len)
-        if t.truncated and cfg.train.overlong == "drop":
-            dropped["overlong"] += 1
-            continue
-        if t.num_loss_tokens == 0:
-            dropped["no_loss_tokens"] += 1
-            continue
-        truncated += t.truncated
-        tokenized.append({"id": row["id"], "source": row["source"], "input_ids": t.input_ids, "labels": t.labels})
-    per_rank = split_ranks(tokenized, cfg.train.ranks)
-    dropped["rank_remainder"] = len(tokenized) - sum(map(len, per_rank))
-    if not per_rank[0]:
-        raise UserError(f"mix: only {len(tokenized)} usable samples for train.ranks={cfg.train.ranks}")
 
-    rank_files = []
-    for rank, rows in enumerate(per_rank):
+    def tokenize(rows: list[dict]) -> list[dict]:
+        nonlocal truncated
+        out = []
         for row in rows:
-            c = counts[row["source"]]
-            c["samples"] += 1
-            c["tokens"] += len(row["input_ids"])
-            c["loss_tokens"] += sum(1 for x in row["labels"] if x != -100)
+            t = tokenize_conversation(tokenizer, row["messages"], cfg.train.max_seq_len, cfg.train.train_on_prompt)
+            if t.truncated and cfg.train.overlong == "drop":
+                dropped["overlong"] += 1
+                continue
+            if t.num_loss_tokens == 0:
+                dropped["no_loss_tokens"] += 1
+                continue
+            truncated += t.truncated
+            out.append({"id": row["id"], "input_ids": t.input_ids, "labels": t.labels})
+        return out
+
+    mixed = mix_samples(tokenize(task_train), tokenize(self_train), cfg.mix.self_ratio, cfg.seed, cfg.mix.ratio_unit,
+                        tokenize(external) if cfg.mix.external_ratio else [], cfg.mix.external_ratio)
+    if cfg.train.packing:
+        rows = pack(mixed, cfg.train.max_seq_len)
+        efficiency = round(packing_efficiency(rows, cfg.train.max_seq_len), 4)
+    else:
+        rows = [{**row, "seq_lens": [len(row["input_ids"])], "sources": [row.pop("source")]} for row in mixed]
+        efficiency = None
+    per_rank = split_ranks(rows, cfg.train.ranks)
+    dropped["rank_remainder"] = len(rows) - sum(map(len, per_rank))
+    if not per_rank[0]:
+        raise UserError(f"mix: only {len(rows)} usable {'packs' if cfg.train.packing else 'samples'} "
+                        f"for train.ranks={cfg.train.ranks}")
+
+    counts = {src: {"samples": 0, "tokens": 0, "loss_tokens": 0} for src in ("task", "self", "external")}
+    rank_files = []
+    for rank, rank_rows in enumerate(per_rank):
+        for row in rank_rows:
+            offset = 0
+            for source, n in zip(row["sources"], row["seq_lens"]):
+                c = counts[source]
+                c["samples"] += 1
+                c["tokens"] += n
+                c["loss_tokens"] += sum(1 for x in row["labels"][offset:offset + n] if x != IGNORE_INDEX)
+                offset += n
         final = stage.dir / f"rank-{rank:05d}"
         tmp = stage.dir / f".rank-{rank:05d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        Dataset.from_list(rows).save_to_disk(str(tmp))
+        Dataset.from_list(rank_rows).save_to_disk(str(tmp))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         rank_files.append(final.name)
     atomic_write_jsonl(stage.dir / "heldout" / "task.jsonl", task_heldout)
     atomic_write_jsonl(stage.dir / "heldout" / "self.jsonl", self_heldout)
 
-    realized = counts["self"]["samples"] / max(counts["task"]["samples"], 1)
+    unit = "samples" if cfg.mix.ratio_unit == "samples" else "tokens"
+    realized = counts["self"][unit] / max(counts["task"][unit], 1)
     log.info("mix: %d task + %d self samples over %d ranks (realized self_ratio %.3f; %d/%d tokens); "
              "held out %d task, %d self; truncated %d; dropped %s",
              counts["task"]["samples"], counts["self"]["samples"], cfg.train.ranks, realized,
              counts["task"]["tokens"], counts["self"]["tokens"], len(task_heldout), len(self_heldout),
              truncated, dropped)
     return stage.finish(
-        counts=counts, realized_self_ratio=round(realized, 4), ranks=cfg.train.ranks,
-        rank_dirs=rank_files, samples_per_rank=len(per_rank[0]),
+        counts=counts, realized_self_ratio=round(realized, 4), ratio_unit=cfg.mix.ratio_unit, ranks=cfg.train.ranks,
+        rank_dirs=rank_files, rows_per_rank=len(per_rank[0]), packed=cfg.train.packing,
+        packing_efficiency=efficiency,
         heldout={"task": len(task_heldout), "self": len(self_heldout)},
         truncated=truncated, dropped=dropped, task_rows_skipped=len(task_data.skipped),
         task_path=str(task_data.path))

@@ -75,7 +75,9 @@ def collate(rows: list[dict], pad_id: int, packed: bool) -> dict:
     real = labels.new_zeros(labels.shape, dtype=torch.bool)
     for i, r in enumerate(rows):
         real[i, :len(r["input_ids"])] = True
-    batch = {"input_ids": ids, "labels": labels, "real_tokens": real}
+    # real_tokens and num_samples are bookkeeping for the trainer's metrics, not model inputs.
+    batch = {"input_ids": ids, "labels": labels, "real_tokens": real,
+             "num_samples": sum(len(r.get("seq_lens") or [0]) for r in rows)}
     if packed:
         lens = [r.get("seq_lens") or [len(r["input_ids"])] for r in rows]
         batch["position_ids"] = torch.stack([position_ids(l, width) for l in lens])

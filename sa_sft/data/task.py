@@ -23,16 +23,16 @@ class TaskData:
     skipped: list[str] = field(default_factory=list)
 
 
-def resolve_task_path(spec: str) -> Path:
+def resolve_task_path(spec: str, key: str = "data.task_path") -> Path:
     if spec.startswith("builtin:"):
         path = BUILTIN_DIR / f"{spec.removeprefix('builtin:')}.jsonl"
         if not path.exists():
             names = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl")))
-            raise UserError(f"data.task_path: no built-in task {spec!r} (built-ins: {names})")
+            raise UserError(f"{key}: no built-in task {spec!r} (built-ins: {names})")
         return path
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise UserError(f"data.task_path: {spec} does not exist")
+        raise UserError(f"{key}: {spec} does not exist")
     return path
 
 
@@ -56,8 +56,8 @@ def row_to_messages(row) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_task_data(spec: str, on_bad_row: str = "error") -> TaskData:
-    path = resolve_task_path(spec)
+def read_task_data(spec: str, on_bad_row: str = "error", key: str = "data.task_path") -> TaskData:
+    path = resolve_task_path(spec, key)
     rows, skipped = [], []
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -78,7 +78,7 @@ def read_task_data(spec: str, on_bad_row: str = "error") -> TaskData:
                     raise UserError(f"{path}:{line_no}: {e} (set data.on_bad_row=skip to skip such rows)") from None
                 skipped.append(f"{path}:{line_no}: {e}")
                 continue
-            rows.append({"id": f"task-{line_no}", "messages": messages,
+            rows.append({"id": f"{'task' if key == 'data.task_path' else 'external'}-{line_no}", "messages": messages,
                          **({"answer": row["answer"]} if "answer" in row else {})})
     if skipped:
         log.warning("skipped %d bad task rows; first: %s", len(skipped), skipped[0])

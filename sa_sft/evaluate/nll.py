@@ -4,7 +4,7 @@ import math
 import torch
 
 from sa_sft.chat import IGNORE_INDEX, tokenize_conversation
-from sa_sft.train.data import collate
+from sa_sft.data.packing import collate
 
 
 def load_model(path, dtype: torch.dtype, trust_remote_code: bool = False):
@@ -25,7 +25,7 @@ def token_nll(model, tokenizer, conversations: list[list[dict]], max_len: int, b
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = collate([rows[i] for i in idx], pad_id)
+        batch = collate([rows[i] for i in idx], pad_id, packed=False)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         targets = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,

@@ -48,6 +48,28 @@ def launch_command(cfg: Config, config_path: Path, run_dir: Path) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(port), *worker]
 
 
+def check_export(final_dir: Path, probe_path: Path, cfg: Config) -> float:
+    """Reload the exported folder with transformers and compare its logits with the training
+    engine's on the probe sequence; a mismatch means a broken export, so it fails the stage."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    probe = torch.load(probe_path, weights_only=True)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(final_dir, dtype=dtype, attn_implementation=cfg.train.attn_implementation,
+                                                 trust_remote_code=cfg.model.trust_remote_code).eval()
+    with torch.no_grad():
+        logits = model(**probe["inputs"]).logits.float()
+    error = (logits - probe["logits"]).abs().max().item()
+    scale = probe["logits"].abs().max().item()
+    tolerance = (0.05 if dtype == torch.bfloat16 else 1e-3) * max(1.0, scale)
+    if not error <= tolerance:
+        raise UserError(f"train: the exported model in {final_dir} does not reproduce the trained engine's logits "
+                        f"(max error {error:.4g} > {tolerance:.3g}); the export is broken")
+    log.info("train: export checked: transformers reload matches the engine (max logit error %.2e)", error)
+    return round(error, 6)
+
+
 def train_inputs(cfg: Config, run_dir: Path) -> dict:
     return {"mix": upstream_fingerprint(run_dir, "mix"), "model": cfg.model.path, "seed": cfg.seed,
             "train": section_for_results(cfg.train)}
@@ -71,9 +93,12 @@ def run_train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         log.warning("train: the launcher exited %d after the export completed; outputs verified, continuing",
                     result.returncode)
     export = read_json(marker)
+    probe_error = check_export(stage.dir / "final", stage.dir / "export_probe.pt", cfg)
     metrics = read_jsonl(stage.dir / "metrics.jsonl")
     return stage.finish(steps=export["steps"], num_params=export["num_params"], zero_stage=export["zero_stage"],
                         ranks=export["ranks"], final_loss=metrics[-1]["loss"] if metrics else None,
                         first_loss=metrics[0]["loss"] if metrics else None,
                         tokens_per_s=round(sum(m["tokens_per_s"] for m in metrics) / max(len(metrics), 1), 1),
+                        mfu=round(sum(m["mfu"] for m in metrics) / max(len(metrics), 1), 4),
+                        export_max_logit_error=probe_error,
                         launcher_exit_code=result.returncode)

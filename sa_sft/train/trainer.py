@@ -82,6 +82,62 @@ def setup_logging(rank: int, log_file: Path) -> None:
                         format="%(asctime)s %(name)s [rank %(rank)s] %(message)s".replace("%(rank)s", str(rank)))
 
 
+def freeze_parameters(model, tcfg) -> list[str]:
+    """Freeze embeddings, the bottom N layers and/or named parameters (the layer-freezing baseline)."""
+    import re
+
+    import torch.nn as nn
+    frozen_ids = set()
+    if tcfg.freeze_embeddings:
+        frozen_ids |= {id(p) for p in model.get_input_embeddings().parameters()}
+    if tcfg.freeze_layers:
+        layers = next((m for m in model.modules() if isinstance(m, nn.ModuleList)
+                       and len(m) == model.config.num_hidden_layers), None)
+        if layers is None or tcfg.freeze_layers > len(layers):
+            raise SystemExit(f"error: train.freeze_layers={tcfg.freeze_layers} but the model has "
+                             f"{model.config.num_hidden_layers} layers")
+        for layer in layers[: tcfg.freeze_layers]:
+            frozen_ids |= {id(p) for p in layer.parameters()}
+    patterns = [re.compile(p) for p in tcfg.freeze_params]
+    names = []
+    for name, param in model.named_parameters():
+        if id(param) in frozen_ids or any(p.search(name) for p in patterns):
+            param.requires_grad_(False)
+            names.append(name)
+    if tcfg.freeze_params and not any(any(p.search(n) for p in patterns) for n in names):
+        raise SystemExit(f"error: train.freeze_params {tcfg.freeze_params} matched no parameter")
+    return names
+
+
+def measure_peak_flops(dtype, device: str) -> float:
+    """A dense matmul's FLOP/s on this device and thread count: the MFU denominator."""
+    size = 8192 if device == "cuda" else 1024
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    best = 0.0
+    for _ in range(3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ a
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
+    return best
+
+
+def save_probe(engine, data, rank: int, path: Path) -> None:
+    """Logits of the trained engine on one probe sequence, to check the exported folder against."""
+    batch = data.micro_batches(0)[0]
+    batch.pop("real_tokens"), batch.pop("num_samples")
+    probe = {k: v[:1, :64].to(engine.device) for k, v in batch.items() if k != "labels"}
+    if "attention_mask" in probe and probe["attention_mask"].dim() == 4:
+        probe["attention_mask"] = batch["attention_mask"][:1, :, :64, :64].to(engine.device)
+    with torch.no_grad():
+        logits = engine(**probe).logits.float().cpu()
+    if rank == 0:
+        torch.save({"inputs": {k: v.cpu() for k, v in probe.items()}, "logits": logits}, path)
+
+
 def export_model(engine, model, tokenizer, out_dir: Path, zero_stage: int, rank: int, info: dict) -> None:
     """Gather the full 16-bit weights and write a Hugging Face folder (safetensors) atomically."""
     if zero_stage == 3:
@@ -140,7 +196,8 @@ def main() -> None:
     model_path = resolve_model(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     data = RankData(dataset, tcfg.micro_batch_size, tcfg.gradient_accumulation_steps, cfg.seed, rank,
-                    tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+                    tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                    packed=mix_manifest.get("packed", False))
     if data.steps_per_epoch == 0:
         raise SystemExit(f"error: {len(dataset)} samples per rank is less than one optimizer step "
                          f"(train.micro_batch_size x train.gradient_accumulation_steps)")
@@ -153,9 +210,16 @@ def main() -> None:
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage == 3 else None  # noqa: F841 (must stay alive)
     dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                                 attn_implementation=tcfg.attn_implementation)
     model.config.use_cache = False
-    num_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    frozen = freeze_parameters(model, tcfg)
+    numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+    num_params = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    if frozen:
+        log.info("froze %d tensors; %.1fM of %.1fM parameters train", len(frozen), trainable / 1e6, num_params / 1e6)
+    peak = tcfg.peak_tflops * 1e12 or measure_peak_flops(dtype, "cuda" if tcfg.device == "cuda" else "cpu")
     schedule = lambda step: lr_factor(step, tcfg.warmup_steps, total_steps, tcfg.lr_schedule, tcfg.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
@@ -169,13 +233,24 @@ def main() -> None:
     metrics_path = train_dir / "metrics.jsonl"
     step = 0
     if latest_checkpoint(ckpt_dir):
+        tag = latest_checkpoint(ckpt_dir)
         _, client_state = engine.load_checkpoint(str(ckpt_dir))
         step = client_state["step"]
-        log.info("resumed from %s at step %d", latest_checkpoint(ckpt_dir), step)
+        rng = torch.load(ckpt_dir / tag / f"rng_rank{rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        log.info("resumed from %s at step %d", tag, step)
     if rank == 0:
         trim_metrics(metrics_path, step)
+    writer = None
+    if rank == 0 and tcfg.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(train_dir / "tensorboard"), purge_step=step + 1)
 
     def save_checkpoint(at_step: int) -> None:
+        # RNG first: DeepSpeed writes `latest` last, so a checkpoint it names is complete.
+        tag_dir = ckpt_dir / f"step-{at_step:07d}"
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"torch": torch.get_rng_state()}, tag_dir / f"rng_rank{rank}.pt")
         engine.save_checkpoint(str(ckpt_dir), tag=f"step-{at_step:07d}", client_state={"step": at_step})
         dist.barrier()
         if rank == 0:
@@ -193,12 +268,11 @@ def main() -> None:
         data_wait = time.time() - t0
         stats = torch.zeros(3, dtype=torch.float64)  # loss sum, real tokens, samples
         for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch).loss
+            real_tokens, samples = batch.pop("real_tokens"), batch.pop("num_samples")
+            loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
             engine.backward(loss)
             engine.step()
-            stats += torch.tensor([loss.item(), batch["attention_mask"].sum().item(), len(batch["input_ids"])],
-                                  dtype=torch.float64)
+            stats += torch.tensor([loss.item(), real_tokens.sum().item(), samples], dtype=torch.float64)
         dist.all_reduce(stats)
         step_seconds = time.time() - t0
         step += 1
@@ -210,12 +284,17 @@ def main() -> None:
                 "lr": tcfg.learning_rate * schedule(step - 1),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tokens_per_s": round(stats[1].item() / step_seconds, 1),
+                "mfu": round(6 * num_params * stats[1].item() / step_seconds / (peak * world), 4),
                 "samples_per_s": round(stats[2].item() / step_seconds, 2),
                 "step_seconds": round(step_seconds, 3),
                 "data_wait_s": round(data_wait, 4),
             }
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if writer:
+                for key, value in record.items():
+                    if key != "step" and value is not None:
+                        writer.add_scalar(f"train/{key}", value, step)
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if progress:
             progress.update(1)
@@ -224,7 +303,10 @@ def main() -> None:
     if progress:
         progress.close()
 
+    if writer:
+        writer.close()
     save_checkpoint(step)
+    save_probe(engine, data, rank, train_dir / "export_probe.pt")
     export_model(engine, model, tokenizer, train_dir / "final", zero_stage, rank,
                  {"steps": step, "num_params": num_params, "zero_stage": zero_stage, "ranks": world,
                   "precision": tcfg.precision, "base_model": str(model_path)})

@@ -31,8 +31,21 @@ def test_same_seed_same_order_other_seed_other_order():
 
 
 def test_too_few_self_dialogues_is_a_clear_error():
-    with pytest.raises(UserError, match="needs 100 self-dialogues .* only 80"):
+    with pytest.raises(UserError, match="needs 100 self samples for 100 task rows but only 80"):
         mix_samples(TASK, SELF, 1.0, seed=1)
+
+
+def test_ratio_in_tokens():
+    task = [{"id": f"t{i}", "input_ids": [0] * 100} for i in range(10)]        # 1000 task tokens
+    pool = [{"id": f"s{i}", "input_ids": [0] * 30} for i in range(100)]        # 30 tokens each
+    mixed = mix_samples(task, pool, 0.5, seed=1, unit="tokens")
+    self_tokens = sum(len(r["input_ids"]) for r in mixed if r["source"] == "self")
+    assert 500 <= self_tokens < 530
+    external = [{"id": f"e{i}", "input_ids": [0] * 50} for i in range(10)]
+    mixed = mix_samples(task, pool, 0.5, seed=1, unit="tokens", external=external, external_ratio=0.2)
+    assert sum(len(r["input_ids"]) for r in mixed if r["source"] == "external") == 200
+    with pytest.raises(UserError, match="needs 1000 external tokens but only 500"):
+        mix_samples(task, pool, 0.0, seed=1, unit="tokens", external=external, external_ratio=1.0)
 
 
 def test_heldout_split_is_seeded_and_disjoint():

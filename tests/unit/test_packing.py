@@ -16,7 +16,7 @@ def samples(tokenizer, n=6):
 
 
 def per_sample_losses(model, batch, rows):
-    logits = model(**{k: v for k, v in batch.items() if k != "real_tokens" and k != "labels"}).logits
+    logits = model(**{k: v for k, v in batch.items() if k not in ("real_tokens", "num_samples", "labels")}).logits
     losses = []
     for b, row in enumerate(rows):
         offset = 0

@@ -1,0 +1,72 @@
+"""Plain PyTorch DDP on the same model, data, batches and precision as the sa-sft trainer.
+
+Launched by benchmarks/training.py under torchrun; prints one JSON line with step times.
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    args = parser.parse_args()
+
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sa_sft.config import load_config
+    from sa_sft.io import read_json
+    from sa_sft.models import resolve_model
+    from sa_sft.train.data import RankData
+
+    cfg = load_config(args.config)
+    tcfg = cfg.train
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(tcfg.threads_per_rank)
+    mix = read_json(args.run_dir / "mix" / "manifest.json")
+    dataset = load_from_disk(str(args.run_dir / "mix" / mix["rank_dirs"][rank]))
+    path = resolve_model(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = RankData(dataset, tcfg.micro_batch_size, tcfg.gradient_accumulation_steps, cfg.seed, rank,
+                    tokenizer.pad_token_id, packed=mix.get("packed", False))
+    dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=tcfg.attn_implementation)
+    model.config.use_cache = False
+    model = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.learning_rate,
+                                  betas=(tcfg.adam_beta1, tcfg.adam_beta2), weight_decay=tcfg.weight_decay)
+    times, tokens = [], []
+    for step in range(args.steps):
+        t0 = time.time()
+        batches = data.micro_batches(step)
+        real = 0
+        for i, batch in enumerate(batches):
+            real += int(batch.pop("real_tokens").sum())
+            batch.pop("num_samples")
+            ctx = model.no_sync() if i < len(batches) - 1 else torch.enable_grad()
+            with ctx:
+                loss = model(**batch).loss / len(batches)
+                loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        total = torch.tensor([real], dtype=torch.float64)
+        dist.all_reduce(total)
+        times.append(time.time() - t0)
+        tokens.append(total.item())
+    if rank == 0:
+        print(json.dumps({"step_seconds": times, "tokens": tokens}), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
