@@ -160,6 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="one rank of the sa-sft DeepSpeed trainer")
     parser.add_argument("--config", required=True)
     parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher; LOCAL_RANK wins")
     args = parser.parse_args()
 
     # DeepSpeed calls collectives that torch deprecates, once per parameter per step.

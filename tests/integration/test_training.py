@@ -53,8 +53,19 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, tag: str) -> None:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "training ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts its ranks in sessions of their own: kill the whole tree, not just the group.
+    import psutil
+    tree = [proc.pid] + [child.pid for child in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    deadline = time.time() + 30
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in tree[1:]):
+        assert time.time() < deadline, "trainer processes survived SIGKILL"
+        time.sleep(0.1)
     assert not (run_dir / "train" / "manifest.json").exists()
 
 
@@ -112,3 +123,12 @@ def test_exported_model_loads_in_vllm(prepared, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((tmp_path / "from_final" / "generate" / "manifest.json").read_text())
     assert manifest["num_samples"] == 8 and manifest["inputs"]["model"]["path"] == str(final)
+
+
+def test_deepspeed_launcher_with_zero2(prepared, tmp_path):
+    run_dir = copy_run(prepared, tmp_path / "zero2")
+    proc = cli("train", "tiny", f"output_dir={run_dir}", *SMALL, "train.max_steps=2", "train.launcher=deepspeed",
+               "train.deepspeed_config=zero2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run_dir / "train" / "manifest.json").read_text())
+    assert manifest["zero_stage"] == 2 and manifest["ranks"] == 2 and manifest["steps"] == 2
