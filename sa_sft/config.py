@@ -49,7 +49,7 @@ class GenerateConfig:
     strategy: Literal["self_dialogue", "topic_prompted", "rewrite"] = opt(
         "self_dialogue", help="self_dialogue (Magpie-style), topic_prompted (asked for a question), rewrite (SDFT: task answers in its own words)")
     turns: int = opt(2, min=2, help="messages per dialogue, alternating user/assistant (2: one exchange)")
-    num_samples: int = opt(256, min=0, help="accepted self-dialogues to produce (training + held out)")
+    num_samples: int = opt(256, min=-1, help="accepted self-dialogues to produce (training + held out); -1: what mix.self_ratio needs for the task set")
     shard_size: int = opt(64, min=1, help="dialogues per shard (the unit of work, resume and determinism)")
     temperature: float = opt(0.7, min=0.0, help="sampling temperature, both roles")
     top_p: float = opt(0.9, min=0.0, max=1.0, help="nucleus sampling, both roles")
@@ -190,7 +190,7 @@ def check_consistency(cfg: "Config") -> "Config":
                         "set mix.self_ratio=0 and data.heldout_self=0")
     if cfg.mix.external_ratio and not cfg.data.external_path:
         raise UserError("config key mix.external_ratio needs data.external_path")
-    if cfg.generate.num_samples < cfg.data.heldout_self:
+    if 0 <= cfg.generate.num_samples < cfg.data.heldout_self:
         raise UserError(f"config key generate.num_samples ({cfg.generate.num_samples}) must be at least "
                         f"data.heldout_self ({cfg.data.heldout_self})")
     return cfg

@@ -33,8 +33,9 @@ def shard_path(stage_dir: Path, shard: int) -> Path:
 
 def generate_inputs(cfg: Config, model_path: Path, task_data) -> dict:
     inputs = {"model": model_identity(model_path), "seed": cfg.seed, "generate": section_for_results(cfg.generate)}
-    if task_data is not None:
-        inputs.update(task_sha256=sha256_file(task_data.path), max_task_samples=cfg.data.max_task_samples)
+    if task_data is not None:  # the sample count or the rewrites come from the task set
+        inputs.update(task_sha256=sha256_file(task_data.path), max_task_samples=cfg.data.max_task_samples,
+                      heldout=[cfg.data.heldout_task, cfg.data.heldout_self], self_ratio=cfg.mix.self_ratio)
     return inputs
 
 
@@ -125,11 +126,10 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     gcfg = cfg.generate
     model_path = resolve_model(cfg.model.path)
     rewrite = gcfg.strategy == "rewrite"
-    task_rows = None
-    if rewrite:
-        task_data = read_task_data(cfg.data.task_path, cfg.data.on_bad_row)
-        task_rows = task_data.rows[: cfg.data.max_task_samples or None]
-    stage = open_stage(run_dir, "generate", generate_inputs(cfg, model_path, task_data if rewrite else None), overwrite)
+    from_task = rewrite or gcfg.num_samples < 0
+    task_data = read_task_data(cfg.data.task_path, cfg.data.on_bad_row) if from_task else None
+    task_rows = task_data.rows[: cfg.data.max_task_samples or None] if from_task else None
+    stage = open_stage(run_dir, "generate", generate_inputs(cfg, model_path, task_data), overwrite)
     if stage is None:
         return read_json(run_dir / "generate" / "manifest.json")
 
@@ -138,7 +138,15 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         log.info("generate: %d shards already on disk; generating only the missing ones", len(done))
     settings = None if rewrite else FilterSettings.from_config(gcfg)
     contamination = None if rewrite else contamination_index(gcfg)
-    target = len(task_rows) if rewrite else gcfg.num_samples
+    if rewrite:
+        target = len(task_rows)
+    elif gcfg.num_samples < 0:
+        from sa_sft.data.mix import self_samples_needed
+        target = self_samples_needed(cfg, len(task_data.rows))
+        log.info("generate: generate.num_samples=-1: %d self-dialogues (mix.self_ratio=%s x task rows + %d held out)",
+                 target, cfg.mix.self_ratio, cfg.data.heldout_self)
+    else:
+        target = gcfg.num_samples
     planned = math.ceil(target / gcfg.shard_size)
     max_shards = gcfg.max_shards or 4 * max(planned, 1)
     sampling = {k: getattr(gcfg, k) for k in ("strategy", "temperature", "top_p", "top_k", "turns",

@@ -66,3 +66,11 @@ def test_self_supply_checked_before_generation():
     with pytest.raises(UserError, match="generate.num_samples \\(48\\) is too small"):
         check_self_supply(cfg, task_rows=999)
     check_self_supply(load_config("tiny"), task_rows=999)
+
+
+def test_num_samples_can_follow_the_task_set():
+    from sa_sft.data.mix import self_samples_needed
+    cfg = load_config("tiny", ["generate.num_samples=-1", "mix.self_ratio=0.5"])
+    # tiny: 48 task rows, 8 held out -> 40 train -> 20 self + 8 held-out self
+    assert self_samples_needed(cfg, task_rows=999) == 28
+    check_self_supply(cfg, task_rows=999)  # -1 never falls short
