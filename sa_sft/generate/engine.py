@@ -1,9 +1,9 @@
 """A Ray actor holding one vLLM engine; it turns a shard number into that shard's dialogues.
 
-The actor receives only (shard, seeds, sampling settings) and returns raw turns; the
+The actor receives only (shard, run seed, sampling settings) and returns raw turns; the
 prompts and seeds are pure functions of the run seed and the shard (strategies.py), and
-each shard is generated as one fixed batch, so the result does not depend on which
-engine ran it.
+an actor runs one shard at a time with a seed per request, so the result does not depend
+on which engine ran it.
 """
 import os
 import time
@@ -11,7 +11,7 @@ import time
 import ray
 
 
-def engine_env(cfg, engine_index: int, cpu_ids: list[int], cache_root: str) -> dict:
+def engine_env(cfg, cpu_ids: list[int], cache_root: str) -> dict:
     """Environment of one engine process: offline, tidy caches, on CPU its own cores."""
     env = {
         "HF_HUB_OFFLINE": "1",
@@ -40,7 +40,10 @@ def engine_kwargs(cfg, model_path: str, trust_remote_code: bool, seed: int) -> d
         "dtype": cfg.dtype,
         "seed": seed,
         "enforce_eager": cfg.enforce_eager,
-        "max_model_len": cfg.max_user_tokens + cfg.max_assistant_tokens + 256,
+        # The longest prompt is the whole dialogue so far plus the template; a rewrite's prompt holds
+        # a task row of unknown length, so it gets the model's own context length.
+        "max_model_len": (None if cfg.strategy == "rewrite"
+                          else cfg.turns // 2 * (cfg.max_user_tokens + cfg.max_assistant_tokens) + 256),
         "max_num_seqs": cfg.max_num_seqs,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "trust_remote_code": trust_remote_code,
@@ -58,8 +61,9 @@ class EngineActor:
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        started = time.time()
         from sa_sft.generate.sampling import install_fast_top_p
+
+        started = time.time()
         self.fast_top_p = install_fast_top_p() if fast_top_p else False
         self.llm = LLM(**kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(kwargs["model"], trust_remote_code=kwargs["trust_remote_code"])

@@ -59,7 +59,7 @@ class EnginePool:
         cpu_ids = self._cpu_layout(index)
         self.started += 1
         # Named so operators (and the fault tests) can find an engine: `ray list actors`, ray.get_actor.
-        options = {"runtime_env": {"env_vars": engine_env(cfg, index, cpu_ids, self.cache_root)},
+        options = {"runtime_env": {"env_vars": engine_env(cfg, cpu_ids, self.cache_root)},
                    "name": f"sa_sft_engine_{index}_{self.started}", "namespace": ENGINE_NAMESPACE}
         if cfg.device == "cpu":
             options["num_cpus"] = len(cpu_ids)

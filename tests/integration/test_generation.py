@@ -109,3 +109,28 @@ def test_engine_killed_mid_run_is_replaced_and_the_run_completes(tmp_path):
     assert killed, "the engine was never killed"
     assert manifest["num_samples"] == 48 and manifest["engine_restarts"] >= 1
     assert len(dialogues(Path(cfg.output_dir))) == 48
+
+
+@pytest.mark.parametrize("strategy", ["topic_prompted", "rewrite"])
+def test_other_strategies_end_to_end(tmp_path, strategy):
+    run_dir = tmp_path / strategy
+    extra = (["mix.self_ratio=0", "data.heldout_self=0", "data.max_task_samples=24", "data.heldout_task=4"]
+             if strategy == "rewrite" else ["generate.num_samples=16", "data.max_task_samples=24", "data.heldout_task=4",
+                                            "mix.self_ratio=0.4"])
+    args = ["tiny", f"output_dir={run_dir}", f"generate.strategy={strategy}", *TINY, *extra]
+    for stage in ("generate", "mix"):
+        proc = run_cli(stage, *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run_dir / "generate" / "manifest.json").read_text())
+    assert manifest["strategy"] == strategy
+    rows = dialogues(run_dir)
+    mix = json.loads((run_dir / "mix" / "manifest.json").read_text())
+    if strategy == "rewrite":
+        # One record per task row; a random model's rewrites (nearly) all fail the check and keep the original.
+        assert len(rows) == 24 and sum(manifest["rewrites_kept_original"].values()) >= 20
+        assert mix["counts"]["self"]["samples"] == 0 and mix["counts"]["task"]["samples"] == 20
+    else:
+        assert len(rows) == 16
+        first = next(iter((run_dir / "generate" / "shards").glob("*.jsonl"))).read_text().splitlines()[0]
+        assert json.loads(first)["meta"]["topic"]
+        assert mix["counts"]["self"]["samples"] == 8
