@@ -154,9 +154,14 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     tokens, pool = 0, None
     from sa_sft.generate.pool import EnginePool, ray_session
 
+    def call(actor, shard):
+        rows = task_rows[shard * gcfg.shard_size:(shard + 1) * gcfg.shard_size] if rewrite else None
+        return actor.generate_shard.remote(shard, cfg.seed, gcfg.shard_size, sampling, rows)
+
     with ray_session(gcfg.ray_address):
         try:
-            bar = tqdm(total=target, unit="dlg", desc="generate", dynamic_ncols=True)
+            on_disk = sum(len(read_jsonl(shard_path(stage.dir, k))) for k in done)
+            bar = tqdm(total=target, initial=min(on_disk, target), unit="dlg", desc="generate", dynamic_ncols=True)
             started = time.time()
             while True:
                 todo = [k for k in range(planned) if k not in done]
@@ -164,10 +169,6 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                     log.info("generate: starting %d vLLM engine(s) for %s (%s)", gcfg.engines, model_path, gcfg.device)
                     pool = EnginePool(gcfg, str(model_path), cfg.model.trust_remote_code, cfg.seed, str(cache_dir()))
                     log.info("generate: engines ready: %s", pool.info)
-                def call(actor, shard):
-                    rows = task_rows[shard * gcfg.shard_size:(shard + 1) * gcfg.shard_size] if rewrite else None
-                    return actor.generate_shard.remote(shard, cfg.seed, gcfg.shard_size, sampling, rows)
-
                 for result in (pool.map_shards(todo, call) if todo else ()):
                     accepted, rejected = split_shard(result, settings)
                     write_shard(stage.dir, result["shard"], accepted, rejected)
