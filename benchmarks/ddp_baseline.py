@@ -4,7 +4,6 @@ Launched by benchmarks/training.py under torchrun; prints one JSON line with ste
 """
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ def main() -> None:
     cfg = load_config(args.config)
     tcfg = cfg.train
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     torch.set_num_threads(tcfg.threads_per_rank)
     mix = read_json(args.run_dir / "mix" / "manifest.json")
     dataset = load_from_disk(str(args.run_dir / "mix" / mix["rank_dirs"][rank]))

