@@ -32,7 +32,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "generation.json"
 
 
 def pool_run(cfg, model_path: Path, shards: int, shard_size: int, sampling: dict) -> dict:
-    from sa_sft.generate.pool import EnginePool, ray_session
+    from sa_sft.cluster.ray_cluster import ray_session
+    from sa_sft.generate.pool import EnginePool
 
     with ray_session(""):
         started = time.time()

@@ -1,11 +1,12 @@
 """The `sa-sft` command: thin argument parsing around the stages."""
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from sa_sft.config import builtin_names, describe_keys, load_config
-from sa_sft.errors import UserError
+from sa_sft.errors import Interrupted, UserError
 
 STAGE_HELP = {
     "run": "run every stage: generate, mix, train, evaluate, then write the report",
@@ -32,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--overwrite", action="store_true",
                        help="rebuild stages whose config or inputs changed instead of refusing")
+    p = sub.add_parser("slurm", help="inside a Slurm job: run stages over every node of the allocation",
+                       description="Inside a Slurm job (see slurm/*.sbatch): check the nodes, then run the stage on "
+                                   "the whole allocation: generate on a Ray cluster over the nodes, train with one srun "
+                                   "task per rank, evaluate and report on the first node.",
+                       epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["check", "generate", "train", "evaluate", "run"])
+    p.add_argument("config", metavar="CONFIG", help="built-in config name or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild stages whose config or inputs changed instead of refusing")
     p = sub.add_parser("report", help="rebuild report.json and report.md from a run directory",
                        description="rebuild report.json and report.md from a run directory's manifests")
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path)
@@ -42,9 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_on_signal(signum, _frame):
+    # Unwinds like Ctrl-C, so locks are released and Ray is shut down; the stages resume on rerun.
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}; rerun the same command to resume",
+                      signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, stop_on_signal)
     try:
         if args.command == "prepare-model":
             from sa_sft.models import resolve_model
@@ -53,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             from sa_sft.report import write_report
             write_report(args.run_dir)
             print(args.run_dir / "report.md")
+        elif args.command == "slurm":
+            from sa_sft.cluster.slurm_job import run_slurm_job
+            run_slurm_job(args.stage, load_config(args.config, args.overrides), overwrite=args.overwrite)
         else:
             from sa_sft.pipeline import run_stages
             from sa_sft.stage import STAGES
@@ -61,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             run_stages(cfg, stages, overwrite=args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -76,7 +76,6 @@ class GenerateConfig:
     max_num_seqs: int = opt(128, min=1, results=False, help="vLLM batch size cap per engine")
     enforce_eager: bool = opt(True, results=False, help="skip graph capture/compile (faster start on CPU)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt("auto", help="engine dtype (auto: bfloat16 where the hardware has fast bf16, else float32)")
-    ray_address: str = opt("", results=False, help="existing Ray cluster address ('' starts a local one)")
     max_shards: int = opt(0, min=0, results=False, help="stop after this many shards even if short (0: 4x the planned count)")
 
 
@@ -89,8 +88,10 @@ class MixConfig:
 
 @dataclass
 class TrainConfig:
-    ranks: int = opt(2, min=1, results=False, help="data-parallel ranks (processes) on this node")
-    launcher: Literal["torchrun", "deepspeed"] = opt("torchrun", results=False, help="local multi-process launcher")
+    ranks: int = opt(2, min=1, help="data-parallel ranks (processes) in all; the mix is split per rank")
+    launcher: Literal["torchrun", "deepspeed", "srun", "ray"] = opt(
+        "torchrun", results=False,
+        help="torchrun/deepspeed: ranks on this node; srun: ranks over the Slurm allocation; ray: ranks as Ray actors")
     device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="accelerator (cpu uses DeepSpeed's CPU accelerator and gloo)")
     deepspeed_config: str = opt("zero3", help="preset in ds_configs/ (zero3, zero2, zero3_offload) or a JSON path")
     precision: Literal["auto", "bf16", "fp32"] = opt("auto", help="training precision (auto: bf16 on GPUs and CPUs with fast bf16, else fp32)")
@@ -131,6 +132,14 @@ class EvaluateConfig:
 
 
 @dataclass
+class ClusterConfig:
+    ray_address: str = opt("", results=False, help="Ray cluster to join ('': $RAY_ADDRESS if set, else start a local one)")
+    join_timeout_s: int = opt(300, min=1, results=False, help="Slurm: seconds for every node's Ray worker to join")
+    port_base: int = opt(0, min=0, max=65000, results=False, help="Slurm: first of the job's ports (0: derived from the job id)")
+    ray_object_store_gib: float = opt(2.0, min=0.1, results=False, help="Slurm: Ray object store per node")
+
+
+@dataclass
 class Config:
     output_dir: str = opt("runs/demo", help="the run directory")
     seed: int = opt(1234, help="run seed; every random choice derives from it")
@@ -140,6 +149,7 @@ class Config:
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,5 +1,17 @@
-"""The one exception type a user sees: a clear, one-line message, exit code 2."""
+"""The exceptions a user sees: a clear, one-line message and an exit code, never a traceback."""
 
 
 class UserError(Exception):
     """Bad config, bad input or a refused operation. The CLI prints `error: <message>` and exits 2."""
+
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """Stopped by a signal with the work saved; rerunning the same command resumes (exit 75, EX_TEMPFAIL)."""
+
+    exit_code = 75
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal_name = signal_name

@@ -1,4 +1,5 @@
 """Runs stages in order on one run directory; finished stages are skipped, interrupted ones resume."""
+import contextlib
 import logging
 from pathlib import Path
 
@@ -40,22 +41,35 @@ def preflight(cfg: Config, stages: list[str]) -> None:
         load_preset(cfg.train.deepspeed_config)
 
 
+@contextlib.contextmanager
+def log_to_file(path: Path):
+    """Also write every log line to `path` for the duration (once, however deeply nested)."""
+    root = logging.getLogger()
+    if any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve() for h in root.handlers):
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def run_stages(cfg: Config, stages: list[str], overwrite: bool = False) -> dict:
     run_dir = Path(cfg.output_dir)
     preflight(cfg, stages)
     run_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(run_dir / ".lock", f"run directory {run_dir}", wait=False):
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-        handler = logging.FileHandler(run_dir / "sa_sft.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-        logging.getLogger().addHandler(handler)
-        try:
+        with log_to_file(run_dir / "sa_sft.log"):
             for name in STAGES:
                 if name in stages:
                     log.info("== %s ==", name)
                     stage_runner(name)(cfg, run_dir, overwrite)
             report = write_report(run_dir)
-        finally:
-            logging.getLogger().removeHandler(handler)
     log.info("report: %s", run_dir / "report.md")
     return report

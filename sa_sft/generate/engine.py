@@ -6,13 +6,20 @@ an actor runs one shard at a time with a seed per request, so the result does no
 on which engine ran it.
 """
 import os
+import socket
 import time
 
 import ray
 
 
-def engine_env(cfg, cpu_ids: list[int], cache_root: str) -> dict:
-    """Environment of one engine process: offline, tidy caches, on CPU its own cores."""
+def node_name() -> str:
+    """The Slurm node this process runs on, else the host name (Ray workers inherit the raylet's environment)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def engine_env(cfg, cache_root: str, cpu_ids: list[int] | None = None, threads: int = 0) -> dict:
+    """Environment of one engine process: offline, tidy caches; on CPU pinned to `cpu_ids`, or
+    `threads` unpinned threads where the node is shared."""
     env = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -23,12 +30,17 @@ def engine_env(cfg, cpu_ids: list[int], cache_root: str) -> dict:
         "VLLM_LOGGING_LEVEL": "WARNING",
     }
     if cfg.device == "cpu":
+        if cpu_ids:
+            bind = f"{cpu_ids[0]}-{cpu_ids[-1]}" if len(cpu_ids) > 1 else str(cpu_ids[0])
+            threads = len(cpu_ids)
+        else:
+            bind = "nobind"
         env.update({
             "VLLM_TARGET_DEVICE": "cpu",
             "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.kv_cache_gib))),
-            "VLLM_CPU_OMP_THREADS_BIND": f"{cpu_ids[0]}-{cpu_ids[-1]}" if len(cpu_ids) > 1 else str(cpu_ids[0]),
+            "VLLM_CPU_OMP_THREADS_BIND": bind,
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-            "OMP_NUM_THREADS": str(len(cpu_ids)),
+            "OMP_NUM_THREADS": str(max(1, threads)),
         })
     return env
 
@@ -74,7 +86,7 @@ class EngineActor:
         self.startup_seconds = time.time() - started
 
     def info(self) -> dict:
-        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+        return {"node": ray.get_runtime_context().get_node_id(), "host": node_name(), "pid": os.getpid(),
                 "fast_top_p": self.fast_top_p,
                 "startup_seconds": round(self.startup_seconds, 1)}
 
@@ -123,5 +135,5 @@ class EngineActor:
                                             len(completion.token_ids))
                 tokens += len(completion.token_ids)
                 submit(index)
-        return {"shard": shard, "dialogues": [strategies.finish_state(s) for s in states],
+        return {"shard": shard, "host": node_name(), "dialogues": [strategies.finish_state(s) for s in states],
                 "seconds": time.time() - started, "tokens": tokens}

@@ -19,27 +19,13 @@ READY_TIMEOUT_S = 1800
 ENGINE_NAMESPACE = "sa_sft"
 
 
-@contextlib.contextmanager
-def ray_session(address: str, temp_dir: str | None = None):
-    """Join the named Ray cluster, or start a local one for the duration (and stop it after)."""
-    if ray.is_initialized():
-        yield
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 1024**2,
-                 _temp_dir=temp_dir, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "1"}})
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 class EnginePool:
-    def __init__(self, cfg, model_path: str, trust_remote_code: bool, seed: int, cache_root: str):
+    def __init__(self, cfg, model_path: str, trust_remote_code: bool, seed: int, cache_root: str,
+                 own_machine: bool = True):
+        """`own_machine`: the Ray instance is this run's alone (a local one), so engines are pinned to
+        disjoint cores; on a cluster they are spread over the nodes and the OS schedules their threads."""
         self.cfg = cfg
+        self.own_machine = own_machine
         self.kwargs = engine_kwargs(cfg, model_path, trust_remote_code, seed)
         self.cache_root = cache_root
         self.placement_groups: list = [None] * cfg.engines
@@ -54,23 +40,34 @@ class EnginePool:
         first = (index * per_engine) % cores
         return [(first + j) % cores for j in range(per_engine)]
 
+    def _cpus_per_engine_on_cluster(self) -> int:
+        if self.cfg.cpus_per_engine:
+            return self.cfg.cpus_per_engine
+        per_node = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+        total = sum(per_node)
+        return max(1, int(min(max(per_node, default=1), total // self.cfg.engines)))
+
     def _start(self, index: int):
         cfg = self.cfg
-        cpu_ids = self._cpu_layout(index)
         self.started += 1
         # Named so operators (and the fault tests) can find an engine: `ray list actors`, ray.get_actor.
-        options = {"runtime_env": {"env_vars": engine_env(cfg, cpu_ids, self.cache_root)},
-                   "name": f"sa_sft_engine_{index}_{self.started}", "namespace": ENGINE_NAMESPACE}
-        if cfg.device == "cpu":
-            options["num_cpus"] = len(cpu_ids)
+        options = {"name": f"sa_sft_engine_{index}_{self.started}", "namespace": ENGINE_NAMESPACE}
+        if cfg.device == "cpu" and self.own_machine:
+            cpu_ids = self._cpu_layout(index)
+            options.update(num_cpus=len(cpu_ids), runtime_env={"env_vars": engine_env(cfg, self.cache_root, cpu_ids)})
+        elif cfg.device == "cpu":
+            cpus = self._cpus_per_engine_on_cluster()
+            options.update(num_cpus=cpus, scheduling_strategy="SPREAD",
+                           runtime_env={"env_vars": engine_env(cfg, self.cache_root, threads=cpus)})
         elif cfg.tensor_parallel_size == 1:
-            options.update(num_gpus=1, num_cpus=1)
+            options.update(num_gpus=1, num_cpus=1, runtime_env={"env_vars": engine_env(cfg, self.cache_root)})
         else:
             # vLLM's Ray executor places its tensor-parallel workers in the placement group it runs in.
             pg = placement_group([{"GPU": 1, "CPU": 1}] * cfg.tensor_parallel_size, strategy="STRICT_PACK")
             ray.get(pg.ready(), timeout=READY_TIMEOUT_S)
             self.placement_groups[index] = pg
-            options.update(num_gpus=0, num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            options.update(num_gpus=0, num_cpus=0, runtime_env={"env_vars": engine_env(cfg, self.cache_root)},
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=pg, placement_group_capture_child_tasks=True))
         return EngineActor.options(**options).remote(self.kwargs, cfg.fast_top_p and cfg.device == "cpu")
 

@@ -152,13 +152,15 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     sampling = {k: getattr(gcfg, k) for k in ("strategy", "temperature", "top_p", "top_k", "turns",
                                               "max_user_tokens", "max_assistant_tokens")}
     tokens, pool = 0, None
-    from sa_sft.generate.pool import EnginePool, ray_session
+    from sa_sft.cluster.ray_cluster import ray_session
+    from sa_sft.generate.pool import EnginePool
 
     def call(actor, shard):
         rows = task_rows[shard * gcfg.shard_size:(shard + 1) * gcfg.shard_size] if rewrite else None
         return actor.generate_shard.remote(shard, cfg.seed, gcfg.shard_size, sampling, rows)
 
-    with ray_session(gcfg.ray_address):
+    shards_by_host: collections.Counter = collections.Counter()
+    with ray_session(cfg.cluster.ray_address) as own_machine:
         try:
             on_disk = sum(len(read_jsonl(shard_path(stage.dir, k))) for k in done)
             bar = tqdm(total=target, initial=min(on_disk, target), unit="dlg", desc="generate", dynamic_ncols=True)
@@ -167,12 +169,14 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                 todo = [k for k in range(planned) if k not in done]
                 if todo and pool is None:
                     log.info("generate: starting %d vLLM engine(s) for %s (%s)", gcfg.engines, model_path, gcfg.device)
-                    pool = EnginePool(gcfg, str(model_path), cfg.model.trust_remote_code, cfg.seed, str(cache_dir()))
+                    pool = EnginePool(gcfg, str(model_path), cfg.model.trust_remote_code, cfg.seed, str(cache_dir()),
+                                      own_machine=own_machine)
                     log.info("generate: engines ready: %s", pool.info)
                 for result in (pool.map_shards(todo, call) if todo else ()):
                     accepted, rejected = split_shard(result, settings)
                     write_shard(stage.dir, result["shard"], accepted, rejected)
                     done.add(result["shard"])
+                    shards_by_host[result["host"]] += 1
                     tokens += result["tokens"]
                     bar.update(min(len(accepted), target - bar.n))
                     bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
@@ -211,6 +215,8 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         tokens_per_second=round(tokens / (time.time() - stage.started), 1) if tokens else None,
         engines=gcfg.engines,
         engine_restarts=pool.restarts if pool else 0,
+        engine_hosts=sorted({engine["host"] for engine in pool.info}) if pool else [],
+        shards_by_host_this_run=dict(sorted(shards_by_host.items())),
     )
     log.info("generate: %d self-dialogues from %d shards in %.0f s (rejected: %s)",
              target, planned, manifest["seconds"], manifest["rejected"])

@@ -1,17 +1,18 @@
 """The train stage on one node: launch one trainer process per rank and check what they wrote."""
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from sa_sft.config import Config, section_for_results
-from sa_sft.errors import UserError
+from sa_sft.errors import Interrupted, UserError
 from sa_sft.io import atomic_write_text, read_json, read_jsonl
 from sa_sft.models import cache_dir
 from sa_sft.stage import open_stage, upstream_fingerprint
-from sa_sft.train.trainer import EXPORT_MARKER
+from sa_sft.train.trainer import EXPORT_MARKER, INTERRUPTED_MARKER
 
 log = logging.getLogger("sa_sft.train")
 
@@ -23,23 +24,45 @@ def free_port() -> int:
 
 
 def trainer_env(cfg: Config) -> dict:
-    env = dict(os.environ)
-    env.update({
+    """What the trainer processes need on top of the launching environment."""
+    env = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         # DeepSpeed JIT-compiles its ops once; keep them in the project's cache, not ~/.cache.
-        "TORCH_EXTENSIONS_DIR": env.get("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")),
-    })
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(cache_dir() / "torch_extensions")),
+    }
     if cfg.train.device == "cpu":
         env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(cfg.train.threads_per_rank)})
     return env
 
 
+def trainer_module(config_path: Path, run_dir: Path) -> list[str]:
+    return ["-m", "sa_sft.train.trainer", "--config", str(config_path), "--run-dir", str(run_dir)]
+
+
+def srun_launch(cfg: Config, config_path: Path, run_dir: Path) -> tuple[list[str], dict]:
+    """One srun task per rank over the allocation's nodes; rank 0's node hosts the rendezvous on the
+    job's port; the trainer maps SLURM_PROCID/NTASKS/LOCALID to RANK/WORLD_SIZE/LOCAL_RANK."""
+    from sa_sft.cluster.slurm import current_allocation, job_ports, srun_command
+
+    alloc = current_allocation()
+    ranks, nodes = cfg.train.ranks, len(alloc.nodes)
+    if ranks % nodes:
+        raise UserError(f"config key train.ranks={ranks} does not divide evenly over the job's {nodes} nodes")
+    per_node = ranks // nodes
+    port = cfg.train.master_port or job_ports(alloc.job_id, cfg.cluster.port_base).master
+    cmd = srun_command(alloc.nodes, tasks_per_node=per_node, overlap=False,
+                       cpus_per_task=max(1, alloc.cpus_per_node // per_node), extra=("--label",))
+    return cmd + [sys.executable, *trainer_module(config_path, run_dir)], {
+        "MASTER_ADDR": alloc.head_address, "MASTER_PORT": str(port)}
+
+
 def launch_command(cfg: Config, config_path: Path, run_dir: Path) -> list[str]:
+    """The single-node launchers: torchrun (default) or the deepspeed launcher."""
     tcfg = cfg.train
     port = tcfg.master_port or free_port()
-    worker = ["-m", "sa_sft.train.trainer", "--config", str(config_path), "--run-dir", str(run_dir)]
+    worker = trainer_module(config_path, run_dir)
     if tcfg.launcher == "deepspeed":
         # The deepspeed launcher counts CPU "devices" as NUMA nodes; --num_gpus sets the rank count.
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(tcfg.ranks),
@@ -70,6 +93,38 @@ def check_export(final_dir: Path, probe_path: Path, cfg: Config) -> float:
     return round(error, 6)
 
 
+def run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, list[str]]:
+    """Run the launcher; SIGTERM/SIGUSR1 sent to sa-sft reach the ranks as SIGTERM (the launchers
+    forward it to every rank, which checkpoints and stops). Returns the exit code and the signals seen."""
+    proc = subprocess.Popen(cmd, env=env)
+    seen: list[str] = []
+
+    def forward(signum, _frame):
+        seen.append(signal.Signals(signum).name)
+        proc.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return proc.wait(), seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_ranks(cfg: Config, config_path: Path, run_dir: Path) -> tuple[int, list[str]]:
+    env = trainer_env(cfg)
+    if cfg.train.launcher == "ray":
+        from sa_sft.train.ray_ranks import run_ranks_on_ray
+        return run_ranks_on_ray(cfg, trainer_module(config_path, run_dir), env)
+    if cfg.train.launcher == "srun":
+        cmd, rendezvous = srun_launch(cfg, config_path, run_dir)
+        env.update(rendezvous)
+    else:
+        cmd = launch_command(cfg, config_path, run_dir)
+    log.info("train: launching %d rank(s): %s", cfg.train.ranks, " ".join(cmd))
+    return run_forwarding_signals(cmd, {**os.environ, **env})
+
+
 def train_inputs(cfg: Config, run_dir: Path) -> dict:
     return {"mix": upstream_fingerprint(run_dir, "mix"), "model": cfg.model.path, "seed": cfg.seed,
             "train": section_for_results(cfg.train)}
@@ -81,17 +136,24 @@ def run_train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         return read_json(run_dir / "train" / "manifest.json")
     config_path = stage.dir / "config.yaml"
     atomic_write_text(config_path, cfg.to_yaml())
-    cmd = launch_command(cfg, config_path, run_dir)
-    log.info("train: launching %d rank(s): %s", cfg.train.ranks, " ".join(cmd))
-    result = subprocess.run(cmd, env=trainer_env(cfg))
+    interrupted = stage.dir / INTERRUPTED_MARKER
+    interrupted.unlink(missing_ok=True)
+    returncode, signals = run_ranks(cfg, config_path, run_dir)
     marker = stage.dir / "final" / EXPORT_MARKER
-    if result.returncode != 0:
+    if returncode != 0 and interrupted.exists():
+        stop = read_json(interrupted)
+        raise Interrupted(f"train: stopped by {stop['signal']} at step {stop['step']} with a checkpoint; "
+                          f"rerun the same command to resume", signals[0] if signals else stop["signal"])
+    if returncode != 0 and signals and not marker.exists():
+        raise Interrupted(f"train: stopped by {signals[0]} before a new checkpoint; rerun the same command to "
+                          f"resume from the last one", signals[0])
+    if returncode != 0:
         # A known DeepSpeed/gloo quirk: a rank can abort at exit after all work is saved. Trust the outputs.
         if not marker.exists():
-            raise UserError(f"train: the trainer failed (exit {result.returncode}); see {stage.dir / 'train.log'}; "
+            raise UserError(f"train: the trainer failed (exit {returncode}); see {stage.dir / 'train.log'}; "
                             f"rerun to resume from the last checkpoint")
         log.warning("train: the launcher exited %d after the export completed; outputs verified, continuing",
-                    result.returncode)
+                    returncode)
     export = read_json(marker)
     probe_error = check_export(stage.dir / "final", stage.dir / "export_probe.pt", cfg)
     metrics = read_jsonl(stage.dir / "metrics.jsonl")
@@ -101,4 +163,4 @@ def run_train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                         tokens_per_s=round(sum(m["tokens_per_s"] for m in metrics) / max(len(metrics), 1), 1),
                         mfu=round(sum(m["mfu"] for m in metrics) / max(len(metrics), 1), 4),
                         export_max_logit_error=probe_error,
-                        launcher_exit_code=result.returncode)
+                        placement=export.get("placement"), launcher_exit_code=returncode)

@@ -1,7 +1,10 @@
 """The per-rank training loop: DeepSpeed ZeRO full-parameter SFT, top to bottom.
 
-Launched once per rank (torchrun, the deepspeed launcher, or srun):
+Launched once per rank (torchrun, the deepspeed launcher, srun, or a Ray actor):
     python -m sa_sft.train.trainer --config RUN/train/config.yaml --run-dir RUN
+
+SIGTERM or SIGUSR1 (preemption, scancel, Slurm's time-limit warning) makes every rank finish
+the current step, save a checkpoint and exit with EXIT_INTERRUPTED; a rerun resumes there.
 """
 import argparse
 import json
@@ -9,6 +12,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import socket
 import sys
 import time
 import warnings
@@ -23,6 +28,28 @@ from sa_sft.models import resolve_model
 log = logging.getLogger("sa_sft.train")
 
 EXPORT_MARKER = "sa_sft_export.json"
+INTERRUPTED_MARKER = "interrupted.json"
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, resumable
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    """Remembers a stop signal; ranks agree on it at step boundaries, so all save the same checkpoint."""
+
+    def __init__(self):
+        self.signal = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def agreed(self) -> int:
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.signal], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
 
 
 def distributed_env() -> None:
@@ -170,6 +197,7 @@ def main() -> None:
     run_dir = args.run_dir
     train_dir = run_dir / "train"
     distributed_env()
+    stop_request = StopRequest()
 
     import deepspeed
     import torch.distributed as dist
@@ -183,10 +211,16 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo" if tcfg.device == "cpu" else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank, train_dir / "train.log")
+    placement = [None] * world
+    dist.all_gather_object(placement, {"rank": rank, "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+                                       "ray_node": os.environ.get("SA_SFT_RAY_NODE_ID")})
+    if rank == 0:
+        log.info("ranks: %s", ", ".join(f"{p['rank']}@{p['host']}" for p in placement))
     if tcfg.device == "cpu":
         torch.set_num_threads(tcfg.threads_per_rank)
     else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # Modulo: a launcher may give each rank only its own GPU (Ray, srun --gpus-per-task).
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
     # Data: this rank's shard of the mix.
     mix_manifest = read_json(run_dir / "mix" / "manifest.json")
@@ -247,7 +281,13 @@ def main() -> None:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(train_dir / "tensorboard"), purge_step=step + 1)
 
+    saved_at = -1
+
     def save_checkpoint(at_step: int) -> None:
+        nonlocal saved_at
+        if at_step == saved_at:
+            return
+        saved_at = at_step
         # RNG first: DeepSpeed writes `latest` last, so a checkpoint it names is complete.
         tag_dir = ckpt_dir / f"step-{at_step:07d}"
         tag_dir.mkdir(parents=True, exist_ok=True)
@@ -301,6 +341,16 @@ def main() -> None:
             progress.update(1)
         if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
             save_checkpoint(step)
+        stop = stop_request.agreed()
+        if stop and step < total_steps:
+            save_checkpoint(step)
+            if rank == 0:
+                atomic_write_json(train_dir / INTERRUPTED_MARKER, {"signal": signal.Signals(stop).name, "step": step})
+                log.warning("%s: stopped at step %d of %d; checkpoint saved, a rerun resumes here",
+                            signal.Signals(stop).name, step, total_steps)
+            if progress:
+                progress.close()
+            sys.exit(EXIT_INTERRUPTED)
     if progress:
         progress.close()
 
@@ -310,6 +360,7 @@ def main() -> None:
     save_probe(engine, data, rank, train_dir / "export_probe.pt")
     export_model(engine, model, tokenizer, train_dir / "final", zero_stage, rank,
                  {"steps": step, "num_params": num_params, "zero_stage": zero_stage, "ranks": world,
+                  "placement": placement,
                   "precision": tcfg.precision, "base_model": str(model_path)})
     dist.barrier()
     log.info("exported %s", train_dir / "final")

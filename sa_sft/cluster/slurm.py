@@ -1,0 +1,183 @@
+"""The Slurm allocation a job runs in: its nodes and their addresses, the job's ports, srun commands.
+
+Everything here reads the allocation from Slurm itself (`SLURM_*`, `scontrol`), never by
+parsing node lists by hand, and fails with one line naming what is wrong.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+from sa_sft.errors import UserError
+
+# Ports: one block of SLOT_WIDTH per job, chosen by job id, so two jobs sharing a node do not clash.
+FIRST_PORT = 12000
+PORT_SLOTS = 50
+SLOT_WIDTH = 400
+# Logical nodes on one host (and real nodes, harmlessly) get distinct port sets by index modulo this.
+NODE_PORT_SETS = 4
+NODE_FIXED_PORTS = ("node_manager", "object_manager", "dashboard_agent_grpc", "dashboard_agent_listen",
+                    "metrics_export", "runtime_env_agent")
+WORKER_PORTS_PER_NODE = 80
+
+
+@dataclasses.dataclass(frozen=True)
+class JobPorts:
+    base: int
+
+    @property
+    def master(self) -> int:
+        """torch.distributed rendezvous on the first node."""
+        return self.base
+
+    @property
+    def gcs(self) -> int:
+        """Ray's GCS on the first node."""
+        return self.base + 1
+
+    @property
+    def ray_client(self) -> int:
+        return self.base + 2
+
+    def node(self, index: int) -> dict[str, int]:
+        """The Ray ports of the node at `index` in the allocation."""
+        k = index % NODE_PORT_SETS
+        fixed = {name: self.base + 10 + 8 * k + i for i, name in enumerate(NODE_FIXED_PORTS)}
+        first_worker = self.base + 50 + WORKER_PORTS_PER_NODE * k
+        return {**fixed, "min_worker": first_worker, "max_worker": first_worker + WORKER_PORTS_PER_NODE - 1}
+
+    def on_node(self, index: int) -> list[int]:
+        """Every port a node listens on (the worker range excluded: Ray probes it itself)."""
+        ports = [p for name, p in self.node(index).items() if name not in ("min_worker", "max_worker")]
+        return [self.master, self.gcs, self.ray_client, *ports] if index == 0 else ports
+
+
+def job_ports(job_id: str, port_base: int = 0) -> JobPorts:
+    if port_base:
+        return JobPorts(port_base)
+    return JobPorts(FIRST_PORT + (int(job_id) % PORT_SLOTS) * SLOT_WIDTH)
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+    job_id: str
+    nodes: list[str]            # the first is the head: Ray's GCS and rank 0 live there
+    addresses: dict[str, str]   # node name -> IP address other nodes reach it at
+    cpus_per_node: int
+    restart_count: int
+
+    @property
+    def head(self) -> str:
+        return self.nodes[0]
+
+    @property
+    def head_address(self) -> str:
+        return self.addresses[self.head]
+
+
+def scontrol(*args: str) -> str:
+    if shutil.which("scontrol") is None:
+        raise UserError("scontrol is not on PATH; run this inside a Slurm job on a node with the Slurm client")
+    result = subprocess.run(["scontrol", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"scontrol {' '.join(args)} failed: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
+
+
+def node_addresses(nodes: list[str]) -> dict[str, str]:
+    """Each node's NodeAddr from slurmctld, resolved to an IP (what Slurm itself uses to reach it)."""
+    addresses = {}
+    for line in scontrol("show", "node", "-o", ",".join(nodes)).splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        if "NodeName" in fields:
+            addresses[fields["NodeName"]] = fields.get("NodeAddr", fields["NodeName"])
+    resolved = {}
+    for node in nodes:
+        if node not in addresses:
+            raise UserError(f"slurm: scontrol knows no node {node!r} of SLURM_JOB_NODELIST")
+        try:
+            resolved[node] = socket.gethostbyname(addresses[node])
+        except OSError:
+            raise UserError(f"slurm: node {node}'s address {addresses[node]!r} does not resolve on "
+                            f"{socket.gethostname()}") from None
+    return resolved
+
+
+def current_allocation() -> Allocation:
+    env = os.environ
+    job_id = env.get("SLURM_JOB_ID")
+    if not job_id:
+        raise UserError("not inside a Slurm job (SLURM_JOB_ID is unset); submit with `sbatch slurm/sa_sft.sbatch CONFIG`")
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise UserError(f"slurm job {job_id}: SLURM_JOB_NODELIST is unset")
+    nodes = scontrol("show", "hostnames", nodelist).split()
+    expected = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(nodes))
+    if not nodes or len(nodes) != expected:
+        raise UserError(f"slurm job {job_id}: node list {nodelist!r} expands to {len(nodes)} node(s), "
+                        f"but SLURM_JOB_NUM_NODES={expected}")
+    # SLURM_JOB_CPUS_PER_NODE looks like "4(x2),2"; the first node's count is what srun steps there get.
+    cpus = env.get("SLURM_CPUS_ON_NODE") or env.get("SLURM_JOB_CPUS_PER_NODE", "1").split("(")[0].split(",")[0]
+    return Allocation(job_id=job_id, nodes=nodes, addresses=node_addresses(nodes), cpus_per_node=int(cpus),
+                      restart_count=int(env.get("SLURM_RESTART_COUNT", "0")))
+
+
+def srun_command(nodes: list[str], tasks_per_node: int = 1, overlap: bool = True,
+                 cpus_per_task: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
+    """An srun step over exactly `nodes`, `tasks_per_node` tasks on each; one task failing ends the step."""
+    cmd = ["srun", f"--nodes={len(nodes)}", f"--ntasks={len(nodes) * tasks_per_node}",
+           f"--ntasks-per-node={tasks_per_node}", f"--nodelist={','.join(nodes)}", "--kill-on-bad-exit=1"]
+    if overlap:
+        cmd.append("--overlap")  # helper steps share the CPUs the main work runs on
+    if cpus_per_task:
+        cmd.append(f"--cpus-per-task={cpus_per_task}")
+    if os.environ.get("SLURM_GPUS_ON_NODE"):
+        # Steps see only the GPUs they ask for; every task gets the node's GPUs, LOCAL_RANK picks one.
+        cmd.append(f"--gpus-per-node={os.environ['SLURM_GPUS_ON_NODE']}")
+    return cmd + list(extra)
+
+
+def probe_nodes(alloc: Allocation, run_dir: str, token: str, ports: JobPorts) -> list[dict]:
+    """Run the node probe once on every node and return what each reported."""
+    cmd = srun_command(alloc.nodes) + [sys.executable, "-m", "sa_sft.cluster.node", "probe",
+                                       "--run-dir", run_dir, "--token", token,
+                                       "--nodes", ",".join(alloc.nodes), "--port-base", str(ports.base)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    reports = []
+    for line in result.stdout.splitlines():
+        if line.startswith("{"):
+            reports.append(json.loads(line))
+    if result.returncode != 0 or len(reports) != len(alloc.nodes):
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"slurm: the node probe ran on {len(reports)} of {len(alloc.nodes)} node(s) "
+                        f"(srun exit {result.returncode}): {tail}")
+    return reports
+
+
+def check_probes(reports: list[dict], run_dir: str) -> None:
+    """Shared run directory, one Python environment, free ports: else one line naming the node."""
+    by_node = sorted(reports, key=lambda r: r["index"])
+    first = by_node[0]
+    for report in by_node:
+        node = report["node"]
+        if not report["run_dir_visible"]:
+            raise UserError(f"slurm: the run directory {run_dir} is not visible from node {node} "
+                            f"(output_dir must be on a filesystem shared by every node)")
+        if report["python"] != first["python"]:
+            raise UserError(f"slurm: node {node} runs Python {report['python']}, node {first['node']} runs "
+                            f"{first['python']}; use the same environment on every node")
+        for package, version in report["versions"].items():
+            if version != first["versions"].get(package):
+                raise UserError(f"slurm: node {node} has {package} {version}, node {first['node']} has "
+                                f"{first['versions'].get(package)}; use the same environment on every node")
+        if report["ports_in_use"]:
+            raise UserError(f"slurm: port(s) {', '.join(map(str, report['ports_in_use']))} on node {node} are in "
+                            f"use (another job on the node?); set cluster.port_base to a free block of "
+                            f"{SLOT_WIDTH} ports")
+
+
+def requeue(job_id: str) -> None:
+    subprocess.run(["scontrol", "requeue", job_id], check=False)
