@@ -17,6 +17,11 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
+def node_label() -> str:
+    """`host/ray-node-id-prefix`: tells apart logical nodes sharing one host (and real ones)."""
+    return f"{node_name()}/{ray.get_runtime_context().get_node_id()[:8]}"
+
+
 def engine_env(cfg, cache_root: str, cpu_ids: list[int] | None = None, threads: int = 0) -> dict:
     """Environment of one engine process: offline, tidy caches; on CPU pinned to `cpu_ids`, or
     `threads` unpinned threads where the node is shared."""
@@ -86,7 +91,7 @@ class EngineActor:
         self.startup_seconds = time.time() - started
 
     def info(self) -> dict:
-        return {"node": ray.get_runtime_context().get_node_id(), "host": node_name(), "pid": os.getpid(),
+        return {"node": node_label(), "pid": os.getpid(),
                 "fast_top_p": self.fast_top_p,
                 "startup_seconds": round(self.startup_seconds, 1)}
 
@@ -135,5 +140,5 @@ class EngineActor:
                                             len(completion.token_ids))
                 tokens += len(completion.token_ids)
                 submit(index)
-        return {"shard": shard, "host": node_name(), "dialogues": [strategies.finish_state(s) for s in states],
+        return {"shard": shard, "node": node_label(), "dialogues": [strategies.finish_state(s) for s in states],
                 "seconds": time.time() - started, "tokens": tokens}

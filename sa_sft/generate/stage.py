@@ -159,7 +159,7 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         rows = task_rows[shard * gcfg.shard_size:(shard + 1) * gcfg.shard_size] if rewrite else None
         return actor.generate_shard.remote(shard, cfg.seed, gcfg.shard_size, sampling, rows)
 
-    shards_by_host: collections.Counter = collections.Counter()
+    shards_by_node: collections.Counter = collections.Counter()
     with ray_session(cfg.cluster.ray_address) as own_machine:
         try:
             on_disk = sum(len(read_jsonl(shard_path(stage.dir, k))) for k in done)
@@ -176,7 +176,7 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                     accepted, rejected = split_shard(result, settings)
                     write_shard(stage.dir, result["shard"], accepted, rejected)
                     done.add(result["shard"])
-                    shards_by_host[result["host"]] += 1
+                    shards_by_node[result["node"]] += 1
                     tokens += result["tokens"]
                     bar.update(min(len(accepted), target - bar.n))
                     bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
@@ -215,8 +215,8 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         tokens_per_second=round(tokens / (time.time() - stage.started), 1) if tokens else None,
         engines=gcfg.engines,
         engine_restarts=pool.restarts if pool else 0,
-        engine_hosts=sorted({engine["host"] for engine in pool.info}) if pool else [],
-        shards_by_host_this_run=dict(sorted(shards_by_host.items())),
+        engine_nodes=sorted(engine["node"] for engine in pool.info) if pool else [],
+        shards_by_node_this_run=dict(sorted(shards_by_node.items())),
     )
     log.info("generate: %d self-dialogues from %d shards in %.0f s (rejected: %s)",
              target, planned, manifest["seconds"], manifest["rejected"])

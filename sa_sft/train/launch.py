@@ -38,7 +38,8 @@ def trainer_env(cfg: Config) -> dict:
 
 
 def trainer_module(config_path: Path, run_dir: Path) -> list[str]:
-    return ["-m", "sa_sft.train.trainer", "--config", str(config_path), "--run-dir", str(run_dir)]
+    # Absolute: ranks may start in another working directory (Ray actors, other nodes).
+    return ["-m", "sa_sft.train.trainer", "--config", str(config_path.resolve()), "--run-dir", str(run_dir.resolve())]
 
 
 def srun_launch(cfg: Config, config_path: Path, run_dir: Path) -> tuple[list[str], dict]:
