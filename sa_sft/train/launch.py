@@ -94,15 +94,15 @@ def check_export(final_dir: Path, probe_path: Path, cfg: Config) -> float:
     return round(error, 6)
 
 
-def run_forwarding_signals(cmd: list[str], env: dict) -> tuple[int, list[str]]:
-    """Run the launcher; SIGTERM/SIGUSR1 sent to sa-sft reach the ranks as SIGTERM (the launchers
-    forward it to every rank, which checkpoints and stops). Returns the exit code and the signals seen."""
+def run_forwarding_signals(cmd: list[str], env: dict, forward_as: int) -> tuple[int, list[str]]:
+    """Run the launcher; SIGTERM/SIGUSR1 sent to sa-sft reach it as `forward_as`, a signal it relays
+    to every rank, which checkpoints and stops. Returns the exit code and the signals seen."""
     proc = subprocess.Popen(cmd, env=env)
     seen: list[str] = []
 
     def forward(signum, _frame):
         seen.append(signal.Signals(signum).name)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(forward_as)
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
@@ -117,13 +117,17 @@ def run_ranks(cfg: Config, config_path: Path, run_dir: Path) -> tuple[int, list[
     if cfg.train.launcher == "ray":
         from sa_sft.train.ray_ranks import run_ranks_on_ray
         return run_ranks_on_ray(cfg, trainer_module(config_path, run_dir), env)
+    # torchrun and the deepspeed launcher relay SIGTERM to their ranks; srun kills the step on
+    # SIGTERM but relays SIGUSR1.
+    forward_as = signal.SIGTERM
     if cfg.train.launcher == "srun":
         cmd, rendezvous = srun_launch(cfg, config_path, run_dir)
         env.update(rendezvous)
+        forward_as = signal.SIGUSR1
     else:
         cmd = launch_command(cfg, config_path, run_dir)
     log.info("train: launching %d rank(s): %s", cfg.train.ranks, " ".join(cmd))
-    return run_forwarding_signals(cmd, {**os.environ, **env})
+    return run_forwarding_signals(cmd, {**os.environ, **env}, forward_as)
 
 
 def train_inputs(cfg: Config, run_dir: Path) -> dict:

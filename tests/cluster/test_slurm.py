@@ -76,3 +76,24 @@ def test_cancelled_training_resumes_when_the_chain_is_resubmitted(slurm, tmp_pat
     steps = [json.loads(line)["step"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 41))  # the curve continues from the checkpoint, no step lost or repeated
     assert json.loads((run_dir / "report.json").read_text())["train"]["steps"] == 40
+
+
+def test_time_limit_warning_checkpoints_and_requeues(slurm, tmp_path):
+    """USR1 to the batch shell is what `#SBATCH --signal=B:USR1@300` sends before the time limit."""
+    run_dir = tmp_path / "run"
+    job = slurm.sbatch("--nodes=2", f"--output={tmp_path}/job-%j.out", str(REPO / "slurm" / "sa_sft.sbatch"),
+                       "tiny", f"output_dir={run_dir}", "train.max_steps=40", "train.checkpoint_every=8",
+                       env=job_env(), cwd=tmp_path)
+    wait_for_checkpoint(run_dir, min_step=9, timeout=600)
+    assert slurm.run("scancel", "--signal=USR1", "--batch", job).returncode == 0
+    assert slurm.wait(job, timeout=900) == "COMPLETED", job_output(tmp_path / f"job-{job}.out")
+
+    out = job_output(tmp_path / f"job-{job}.out")
+    assert "time limit near; requeueing job" in (run_dir / "sa_sft.log").read_text()
+    assert "restart 1" in (run_dir / "sa_sft.log").read_text(), out
+    log = (run_dir / "train" / "train.log").read_text()
+    stopped = int(log.split("SIGUSR1: stopped at step ")[1].split()[0])  # checkpointed on the signal...
+    assert stopped >= 9
+    assert f"resumed from step-{stopped:07d} at step {stopped}" in log  # ...and resumed there
+    steps = [json.loads(line)["step"] for line in (run_dir / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))
