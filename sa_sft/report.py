@@ -36,10 +36,23 @@ def collect(run_dir: Path) -> dict:
                  if (run_dir / "eval" / f"{name}.json").exists()}
         report["eval"] = {}
         for suite in sorted({s for e in evals.values() for s in e["suites"]}):
-            row = {name: e["suites"][suite]["mean_nll"] for name, e in evals.items() if suite in e["suites"]}
+            scored = {name: e["suites"][suite] for name, e in evals.items() if suite in e["suites"]}
+            metric = "accuracy" if "value" in next(iter(scored.values())) else "mean_nll"
+            row = {name: v["value" if metric == "accuracy" else "mean_nll"] for name, v in scored.items()}
             if "base" in row and "final" in row:
                 row["delta"] = round(row["final"] - row["base"], 5)
-            report["eval"][suite] = {"metric": "mean_nll", **row}
+            row["ci95"] = {name: v.get("ci95") for name, v in scored.items()}
+            if metric == "accuracy":
+                row["chance"] = next(iter(scored.values())).get("chance")
+            report["eval"][suite] = {"metric": metric, **row}
+        e = manifests["evaluate"]
+        report["retention"] = {"kl_base_final": e.get("kl_base_final"), "style_gap": e.get("style_gap")}
+        if (run_dir / "eval" / "retention.json").exists():
+            report["retention"]["kl_ci95"] = read_json(run_dir / "eval" / "retention.json")["ci95"]
+        if (run_dir / "eval" / "drift.json").exists():
+            drift = read_json(run_dir / "eval" / "drift.json")
+            report["drift"] = {"relative": drift["relative"], "l2": drift["l2"],
+                               "per_group": {g: v["relative"] for g, v in drift["per_group"].items()}}
     config = run_dir / "config.yaml"
     if config.exists():
         report["config"] = str(config)
@@ -61,17 +74,37 @@ def render_markdown(report: dict) -> str:
                   f"{t['num_params'] / 1e6:.1f}M parameters; loss {t['first_loss']} -> {t['final_loss']}; "
                   f"{t['tokens_per_s']} tokens/s"]
     if report.get("eval"):
-        lines += ["", "## Evaluation (mean token NLL on assistant turns; lower is better)", "",
-                  "| suite | base | final | change |", "|---|---:|---:|---:|"]
+        lines += ["", "## Evaluation", "", "Mean token NLL on assistant turns (lower is better) or accuracy "
+                  "(higher is better); 95% intervals in brackets (bootstrap over samples / Wilson).", "",
+                  "| suite | metric | base | final | change |", "|---|---|---:|---:|---:|"]
         for suite, r in report["eval"].items():
-            lines.append(f"| {suite} | {r.get('base', '')} | {r.get('final', '')} | {r.get('delta', '')} |")
+            ci = r.get("ci95", {})
+            cell = lambda name: f"{r[name]} {fmt_ci(ci.get(name))}" if name in r else ""
+            chance = f" (chance {r['chance']})" if r.get("chance") is not None else ""
+            lines.append(f"| {suite} | {r['metric']}{chance} | {cell('base')} | {cell('final')} | {r.get('delta', '')} |")
         lines += ["", "`task_heldout` falling means the task was learned; `self_heldout` rising means the model "
                   "drifted from its own original behaviour (forgetting)."]
+    if report.get("retention", {}).get("kl_base_final") is not None:
+        r = report["retention"]
+        lines += ["", "## Drift", "", f"- KL(base || final) per token on the base model's own answers: "
+                  f"{r['kl_base_final']} {fmt_ci(r.get('kl_ci95'))}",
+                  f"- Style gap (base NLL on task answers minus on its own answers): {r['style_gap']}"]
+    if "drift" in report:
+        d = report["drift"]
+        lines += [f"- Weights moved {d['relative']:.3g} of their norm (L2 {d['l2']:.4g}); per layer: "
+                  "`plots/drift.png`, values in `eval/drift.json`"]
     return "\n".join(lines) + "\n"
 
 
+def fmt_ci(ci) -> str:
+    return f"[{ci[0]}, {ci[1]}]" if ci else ""
+
+
 def write_report(run_dir: Path) -> dict:
+    from sa_sft.plots import write_run_plots
+
     report = collect(run_dir)
+    report["plots"] = write_run_plots(Path(run_dir), report)
     atomic_write_json(Path(run_dir) / "report.json", report)
     atomic_write_text(Path(run_dir) / "report.md", render_markdown(report))
     return report

@@ -13,7 +13,7 @@ from pathlib import Path
 from sa_sft.chat import IGNORE_INDEX, tokenize_conversation
 from sa_sft.config import Config, section_for_results
 from sa_sft.data.packing import pack, packing_efficiency
-from sa_sft.data.task import read_task_data
+from sa_sft.data.task import read_task_data, resolve_task_path
 from sa_sft.errors import UserError
 from sa_sft.generate.stage import load_self_dialogues
 from sa_sft.io import atomic_write_jsonl, read_json, sha256_file
@@ -93,7 +93,8 @@ def mix_inputs(cfg: Config, run_dir: Path, task_path: Path) -> dict:
             "seed": cfg.seed, "data": section_for_results(cfg.data), "mix": section_for_results(cfg.mix),
             "ranks": cfg.train.ranks, "max_seq_len": cfg.train.max_seq_len, "overlong": cfg.train.overlong,
             "packing": cfg.train.packing, "train_on_prompt": cfg.train.train_on_prompt,
-            "external_sha256": sha256_file(Path(cfg.data.external_path)) if cfg.data.external_path else None}
+            "external_sha256": (sha256_file(resolve_task_path(cfg.data.external_path, "data.external_path"))
+                                if cfg.data.external_path else None)}
 
 
 def run_mix(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:

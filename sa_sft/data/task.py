@@ -25,9 +25,13 @@ class TaskData:
 
 def resolve_task_path(spec: str, key: str = "data.task_path") -> Path:
     if spec.startswith("builtin:"):
-        path = BUILTIN_DIR / f"{spec.removeprefix('builtin:')}.jsonl"
+        name = spec.removeprefix("builtin:")
+        from sa_sft.prepared_data import SOURCES, prepared_path
+        if name in SOURCES:
+            return prepared_path(name)  # taken from a PyPI package at setup
+        path = BUILTIN_DIR / f"{name}.jsonl"
         if not path.exists():
-            names = ", ".join(sorted(p.stem for p in BUILTIN_DIR.glob("*.jsonl")))
+            names = ", ".join(sorted([p.stem for p in BUILTIN_DIR.glob("*.jsonl")] + ["sharegpt"]))
             raise UserError(f"{key}: no built-in task {spec!r} (built-ins: {names})")
         return path
     path = Path(spec).expanduser()

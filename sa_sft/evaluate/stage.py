@@ -1,9 +1,15 @@
-"""The evaluate stage: the base and the fine-tuned model scored on the held-out data.
+"""The evaluate stage: what the fine-tuned model kept and what it learned, against the base.
 
-Suites: `task_heldout` (held-out task rows: in-domain) and `self_heldout` (held-out
-self-dialogues: how well the model still matches its own original behaviour). Each model's
-results land in eval/<model>.json as soon as they are computed, so a rerun only scores
-what is missing.
+Per model (base, final), each saved to eval/<model>.json as soon as it is computed, so a
+rerun only scores what is missing:
+  - `task_heldout`: mean NLL of the held-out task answers (in-domain);
+  - `self_heldout`: mean NLL of held-out self-dialogues, the base model's own answers
+    (reference-free retention);
+  - general suites (`evaluate.suites`, e.g. mmlu): accuracy with a 95% Wilson interval.
+Between the two models: the per-token KL(base || final) on the self-dialogues
+(eval/retention.json) and the weights' L2 drift per layer (eval/drift.json). The style gap,
+the base model's NLL on task answers minus on its own answers, says how foreign the task's
+style is to the model: the drift SA-SFT is meant to damp.
 """
 import logging
 import os
@@ -13,9 +19,10 @@ from pathlib import Path
 import torch
 
 from sa_sft.config import Config, section_for_results
-from sa_sft.evaluate.nll import load_model, token_nll
-from sa_sft.io import atomic_write_json, read_json, read_jsonl
-from sa_sft.models import resolve_model
+from sa_sft.evaluate.nll import kl_from_base, load_model, token_nll
+from sa_sft.evaluate.suites import load_suite, score_mc, score_mc_text
+from sa_sft.io import atomic_write_json, read_json, read_jsonl, sha256_file, sha256_json
+from sa_sft.models import model_identity, resolve_model
 from sa_sft.stage import open_stage, upstream_fingerprint
 
 log = logging.getLogger("sa_sft.evaluate")
@@ -23,10 +30,50 @@ log = logging.getLogger("sa_sft.evaluate")
 SUITES = ("task_heldout", "self_heldout")
 
 
+def trained(run_dir: Path) -> bool:
+    return (run_dir / "train" / "manifest.json").exists()
+
+
 def evaluate_inputs(cfg: Config, run_dir: Path) -> dict:
-    return {"mix": upstream_fingerprint(run_dir, "mix"), "train": upstream_fingerprint(run_dir, "train"),
+    return {"mix": upstream_fingerprint(run_dir, "mix"),
+            "train": upstream_fingerprint(run_dir, "train") if trained(run_dir) else None,
             "model": cfg.model.path, "evaluate": section_for_results(cfg.evaluate),
             "precision": cfg.train.precision}
+
+
+def base_fingerprint(cfg: Config, run_dir: Path) -> str:
+    """The base model's scores depend only on the model, the suites and the held-out data, so runs
+    that share those (the methods of `sa-sft compare`) can share eval/base.json."""
+    heldout = run_dir / "mix" / "heldout"
+    return sha256_json({"model": model_identity(resolve_model(cfg.model.path)),
+                        "evaluate": section_for_results(cfg.evaluate), "precision": cfg.train.precision,
+                        "heldout": [sha256_file(heldout / f"{s}.jsonl") for s in ("task", "self")
+                                    if (heldout / f"{s}.jsonl").exists()]})
+
+
+def cached(path: Path, fingerprint: str) -> dict | None:
+    if path.exists() and read_json(path).get("fingerprint") == fingerprint:
+        return read_json(path)
+    return None
+
+
+def score_model(name: str, path: Path, cfg: Config, heldout: dict, general: list, dtype) -> dict:
+    started = time.time()
+    tokenizer, model = load_model(path, dtype, cfg.model.trust_remote_code)
+    scores = {}
+    for suite, rows in heldout.items():
+        if rows:
+            scores[suite] = token_nll(model, tokenizer, [r["messages"] for r in rows],
+                                      cfg.evaluate.max_seq_len, cfg.evaluate.batch_size)
+            log.info("evaluate: %s on %s: mean NLL %.4f %s over %d tokens", name, suite,
+                     scores[suite]["mean_nll"], scores[suite]["ci95"], scores[suite]["tokens"])
+    for suite in general:
+        scorer = score_mc_text if cfg.evaluate.mc_scoring == "text" else score_mc
+        scores[suite.name] = scorer(model, tokenizer, suite.rows, cfg.evaluate.batch_size)
+        log.info("evaluate: %s on %s: accuracy %.3f %s (n=%d, chance %.2f)", name, suite.name,
+                 scores[suite.name]["value"], scores[suite.name]["ci95"], scores[suite.name]["n"],
+                 scores[suite.name]["chance"])
+    return {"model": name, "path": str(path), "seconds": round(time.time() - started, 2), "suites": scores}
 
 
 def run_evaluate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
@@ -35,30 +82,50 @@ def run_evaluate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         return read_json(run_dir / "evaluate" / "manifest.json")
     torch.set_num_threads(cfg.evaluate.threads or os.cpu_count() or 1)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    suites = {"task_heldout": read_jsonl(run_dir / "mix" / "heldout" / "task.jsonl"),
-              "self_heldout": read_jsonl(run_dir / "mix" / "heldout" / "self.jsonl")}
-    models = {"base": resolve_model(cfg.model.path), "final": run_dir / "train" / "final"}
+    heldout = {"task_heldout": read_jsonl(run_dir / "mix" / "heldout" / "task.jsonl"),
+               "self_heldout": read_jsonl(run_dir / "mix" / "heldout" / "self.jsonl")}
+    general = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
+    models = {"base": resolve_model(cfg.model.path)}
+    if trained(run_dir):
+        models["final"] = run_dir / "train" / "final"
+    fingerprints = {"base": base_fingerprint(cfg, run_dir), "final": stage.fingerprint}
     eval_dir = run_dir / "eval"
     results = {}
     for name, path in models.items():
         out = eval_dir / f"{name}.json"
-        if out.exists() and read_json(out).get("fingerprint") == stage.fingerprint:
-            results[name] = read_json(out)
-            continue
-        started = time.time()
-        tokenizer, model = load_model(path, dtype, cfg.model.trust_remote_code)
-        scores = {}
-        for suite, rows in suites.items():
-            if not rows:
-                continue
-            scores[suite] = token_nll(model, tokenizer, [r["messages"] for r in rows],
-                                      cfg.evaluate.max_seq_len, cfg.evaluate.batch_size)
-            log.info("evaluate: %s on %s: mean NLL %.4f over %d tokens", name, suite,
-                     scores[suite]["mean_nll"], scores[suite]["tokens"])
-        del model
-        results[name] = {"model": name, "path": str(path), "fingerprint": stage.fingerprint,
-                         "seconds": round(time.time() - started, 2), "suites": scores}
-        atomic_write_json(out, results[name])
+        results[name] = cached(out, fingerprints[name])
+        if results[name] is None:
+            results[name] = {**score_model(name, path, cfg, heldout, general, dtype), "fingerprint": fingerprints[name]}
+            atomic_write_json(out, results[name])
+
+    retention = cached(eval_dir / "retention.json", stage.fingerprint)
+    if retention is None and heldout["self_heldout"] and "final" in models:
+        tokenizer, base = load_model(models["base"], dtype, cfg.model.trust_remote_code)
+        _, final = load_model(models["final"], dtype, cfg.model.trust_remote_code)
+        retention = {"fingerprint": stage.fingerprint,
+                     **kl_from_base(base, final, tokenizer, [r["messages"] for r in heldout["self_heldout"]],
+                                    cfg.evaluate.max_seq_len, max(1, cfg.evaluate.batch_size // 4))}
+        del base, final
+        atomic_write_json(eval_dir / "retention.json", retention)
+        log.info("evaluate: KL(base || final) on the base model's own answers: %.5f %s per token",
+                 retention["mean_kl"], retention["ci95"])
+    drift = None
+    if cfg.evaluate.drift and "final" in models:
+        from sa_sft.evaluate.drift import weight_drift
+        drift = cached(eval_dir / "drift.json", stage.fingerprint)
+        if drift is None:
+            drift = {"fingerprint": stage.fingerprint, **weight_drift(models["base"], models["final"])}
+            atomic_write_json(eval_dir / "drift.json", drift)
+        log.info("evaluate: weights moved %.3g of their norm (L2 %.4g)", drift["relative"], drift["l2"])
+
     summary = {suite: {name: results[name]["suites"][suite]["mean_nll"] for name in results
                        if suite in results[name]["suites"]} for suite in SUITES}
-    return stage.finish(mean_nll=summary, files=[f"eval/{name}.json" for name in results])
+    base_nll = results["base"]["suites"]
+    style_gap = (round(base_nll["task_heldout"]["mean_nll"] - base_nll["self_heldout"]["mean_nll"], 5)
+                 if "task_heldout" in base_nll and "self_heldout" in base_nll else None)
+    accuracy = {s.name: {name: results[name]["suites"][s.name]["value"] for name in results} for s in general}
+    files = [f"eval/{name}.json" for name in results] + (["eval/retention.json"] if retention else []) + (
+        ["eval/drift.json"] if drift else [])
+    return stage.finish(mean_nll=summary, accuracy=accuracy, style_gap=style_gap,
+                        kl_base_final=retention["mean_kl"] if retention else None,
+                        drift_relative=drift["relative"] if drift else None, files=files)

@@ -67,8 +67,16 @@ def test_cli_bad_key_is_one_line_exit_2():
 
 
 def test_cli_help_describes_each_subcommand():
-    for cmd in ([], ["run"], ["generate"], ["mix"], ["train"], ["evaluate"], ["report"], ["prepare-model"]):
+    for cmd in ([], ["run"], ["generate"], ["mix"], ["train"], ["evaluate"], ["report"], ["prepare-model"],
+                ["prepare-data"], ["slurm"], ["compare"]):
         proc = subprocess.run([sys.executable, "-m", "sa_sft.cli", *cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: sa-sft" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "sa_sft.cli", "run", "--help"], capture_output=True, text=True)
     assert "mix.self_ratio" in proc.stdout and "train.max_steps" in proc.stdout
+
+
+def test_compare_refuses_an_unknown_method_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "sa_sft.cli", "compare", "tiny", "--methods", "base,lora"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: compare: unknown method(s) lora")

