@@ -44,10 +44,10 @@ class StopRequest:
     def _handle(self, signum, _frame) -> None:
         self.signal = signum
 
-    def agreed(self) -> int:
+    def agreed(self, device) -> int:
         import torch.distributed as dist
 
-        flag = torch.tensor([self.signal], dtype=torch.int64)
+        flag = torch.tensor([self.signal], dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
 
@@ -211,16 +211,17 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo" if tcfg.device == "cpu" else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     setup_logging(rank, train_dir / "train.log")
-    placement = [None] * world
-    dist.all_gather_object(placement, {"rank": rank, "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-                                       "ray_node": os.environ.get("SA_SFT_RAY_NODE_ID")})
-    if rank == 0:
-        log.info("ranks: %s", ", ".join(f"{p['rank']}@{p['host']}" for p in placement))
     if tcfg.device == "cpu":
         torch.set_num_threads(tcfg.threads_per_rank)
     else:
         # Modulo: a launcher may give each rank only its own GPU (Ray, srun --gpus-per-task).
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    # After set_device: with NCCL, object collectives run on the current GPU.
+    placement = [None] * world
+    dist.all_gather_object(placement, {"rank": rank, "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+                                       "ray_node": os.environ.get("SA_SFT_RAY_NODE_ID")})
+    if rank == 0:
+        log.info("ranks: %s", ", ".join(f"{p['rank']}@{p['host']}" for p in placement))
 
     # Data: this rank's shard of the mix.
     mix_manifest = read_json(run_dir / "mix" / "manifest.json")
@@ -307,13 +308,13 @@ def main() -> None:
         t0 = time.time()
         batches = data.micro_batches(step)
         data_wait = time.time() - t0
-        stats = torch.zeros(3, dtype=torch.float64)  # loss sum, real tokens, samples
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, real tokens, samples
         for batch in batches:
             real_tokens, samples = batch.pop("real_tokens"), batch.pop("num_samples")
             loss = engine(**{k: v.to(device) for k, v in batch.items()}).loss
             engine.backward(loss)
             engine.step()
-            stats += torch.tensor([loss.item(), real_tokens.sum().item(), samples], dtype=torch.float64)
+            stats += torch.tensor([loss.item(), real_tokens.sum().item(), samples], dtype=torch.float64, device=device)
         dist.all_reduce(stats)
         step_seconds = time.time() - t0
         step += 1
@@ -341,7 +342,7 @@ def main() -> None:
             progress.update(1)
         if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0 and step < total_steps:
             save_checkpoint(step)
-        stop = stop_request.agreed()
+        stop = stop_request.agreed(device)
         if stop and step < total_steps:
             save_checkpoint(step)
             if rank == 0:
