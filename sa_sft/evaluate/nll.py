@@ -15,13 +15,17 @@ def load_model(path, dtype: torch.dtype, trust_remote_code: bool = False):
     return tokenizer, model.eval()
 
 
+def pad_token_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @torch.no_grad()
 def token_nll(model, tokenizer, conversations: list[list[dict]], max_len: int, batch_size: int) -> dict:
     """Sum and mean NLL over assistant tokens, batched by length to keep padding low."""
     rows = [tokenize_conversation(tokenizer, messages, max_len) for messages in conversations]
     rows = [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     per_sample = [0.0] * len(rows)
     per_sample_tokens = [0] * len(rows)
     total_nll, total_tokens = 0.0, 0
@@ -52,7 +56,7 @@ def kl_from_base(base, final, tokenizer, conversations: list[list[dict]], max_le
     next-token distribution moved from the base model's on the base model's own answers."""
     rows = [tokenize_conversation(tokenizer, messages, max_len) for messages in conversations]
     rows = [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     sums, counts = [], []
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start:start + batch_size], pad_id, packed=False)

@@ -72,9 +72,11 @@ def mc_prompt(tokenizer, row: dict) -> str:
 @torch.no_grad()
 def score_mc(model, tokenizer, rows: list[dict], batch_size: int) -> dict:
     """Accuracy: the option letter the model finds most likely as its answer's first token."""
+    from sa_sft.evaluate.nll import pad_token_id
+
     letter_ids = [tokenizer(LETTERS[i], add_special_tokens=False)["input_ids"][0] for i in range(len(LETTERS))]
     correct = []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         encoded = [tokenizer(mc_prompt(tokenizer, r), add_special_tokens=False)["input_ids"] for r in batch]
@@ -96,27 +98,12 @@ def score_mc(model, tokenizer, rows: list[dict], batch_size: int) -> dict:
 def score_mc_text(model, tokenizer, rows: list[dict], batch_size: int) -> dict:
     """Accuracy: the option whose text, as the assistant's answer, has the highest mean token
     log-likelihood (cloze scoring; small models often pick letters near chance but texts well)."""
-    from sa_sft.chat import IGNORE_INDEX, tokenize_conversation
-    from sa_sft.data.packing import collate
+    from sa_sft.evaluate.nll import token_nll
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pairs = [(i, c) for i, row in enumerate(rows) for c in range(len(row["choices"]))]
-    encoded = []
-    for i, c in pairs:
-        messages = [{"role": "user", "content": rows[i]["question"]},
-                    {"role": "assistant", "content": rows[i]["choices"][c]}]
-        t = tokenize_conversation(tokenizer, messages, 1024)
-        encoded.append({"input_ids": t.input_ids, "labels": t.labels})
-    means = [0.0] * len(pairs)
-    for start in range(0, len(pairs), batch_size):
-        batch = collate(encoded[start:start + batch_size], pad_id, packed=False)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
-                                                  reduction="none")
-        mask = targets != IGNORE_INDEX
-        for j in range(logits.shape[0]):
-            means[start + j] = float(logp[j][mask[j]].sum()) / max(int(mask[j].sum()), 1)
+    conversations = [[{"role": "user", "content": rows[i]["question"]},
+                      {"role": "assistant", "content": rows[i]["choices"][c]}] for i, c in pairs]
+    means = [-nll for nll in token_nll(model, tokenizer, conversations, 1024, batch_size)["per_sample_mean_nll"]]
     best: dict[int, tuple[float, int]] = {}
     for (i, c), m in zip(pairs, means):
         if i not in best or m > best[i][0]:
