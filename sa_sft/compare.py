@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from sa_sft.config import Config, load_config
+from sa_sft.evaluate.suites import item_sums, paired_bootstrap_delta
 from sa_sft.errors import UserError
 from sa_sft.io import atomic_write_json, atomic_write_text, read_json
 from sa_sft.models import resolve_model
@@ -57,9 +58,11 @@ def run_compare(config: str, overrides: list[str], methods: list[str], overwrite
         if m != order[0] and not (run_dir / "generate").exists() and (root / order[0] / "generate" / "manifest.json").exists():
             run_dir.mkdir(parents=True, exist_ok=True)
             shutil.copytree(root / order[0] / "generate", run_dir / "generate")
-        if m != order[0] and not (run_dir / "eval" / "base.json").exists() and (root / order[0] / "eval" / "base.json").exists():
-            (run_dir / "eval").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(root / order[0] / "eval" / "base.json", run_dir / "eval" / "base.json")
+        for name in ("base.json", "base-generations.jsonl"):
+            shared = root / order[0] / "eval" / name
+            if m != order[0] and not (run_dir / "eval" / name).exists() and shared.exists():
+                (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shared, run_dir / "eval" / name)
         stages = ["generate", "mix", "evaluate"] if m == "base" else ["generate", "mix", "train", "evaluate"]
         log.info("compare: == %s == (%s)", m, " ".join(method_overrides(m, cfg)))
         run_stages(configs[m], stages, overwrite)
@@ -83,6 +86,31 @@ def method_row(run_dir: Path) -> dict:
     return row
 
 
+def scored_items(run_dir: Path, model: str) -> dict:
+    path = run_dir / "eval" / f"{model}.json"
+    return read_json(path)["suites"] if path.exists() else {}
+
+
+def paired_changes(run_dirs: list[Path]) -> dict:
+    """Per trained method and suite, final minus base on the same items (paired bootstrap), and
+    sa_sft minus task_only where both ran: the question `sa-sft compare` exists to answer."""
+    finals = {d.name: scored_items(d, "final") for d in run_dirs if (d / "train" / "manifest.json").exists()}
+    base = next((scored_items(d, "base") for d in run_dirs if scored_items(d, "base")), {})
+    changes = {"vs_base": {}, "sa_sft_vs_task_only": {}}
+    for method, suites in finals.items():
+        for suite, result in suites.items():
+            if suite in base and len(item_sums(base[suite])[1]) == len(item_sums(result)[1]):
+                a, counts = item_sums(base[suite])
+                changes["vs_base"].setdefault(method, {})[suite] = paired_bootstrap_delta(a, item_sums(result)[0], counts)
+    if "sa_sft" in finals and "task_only" in finals:
+        for suite, result in finals["sa_sft"].items():
+            other = finals["task_only"].get(suite)
+            if other and len(item_sums(other)[1]) == len(item_sums(result)[1]):
+                a, counts = item_sums(other)
+                changes["sa_sft_vs_task_only"][suite] = paired_bootstrap_delta(a, item_sums(result)[0], counts)
+    return changes
+
+
 def write_comparison(run_dirs: list[Path], out_dir: Path) -> dict:
     from sa_sft.plots import write_compare_plots
 
@@ -90,14 +118,15 @@ def write_comparison(run_dirs: list[Path], out_dir: Path) -> dict:
     if missing:
         raise UserError(f"compare: no report.json in {', '.join(missing)}; run those first")
     rows = [method_row(Path(d)) for d in run_dirs]
-    comparison = {"methods": rows, "plots": write_compare_plots(out_dir, rows, run_dirs)}
+    comparison = {"methods": rows, "paired": paired_changes([Path(d) for d in run_dirs]),
+                  "plots": write_compare_plots(out_dir, rows, run_dirs)}
     atomic_write_json(out_dir / "compare.json", comparison)
-    atomic_write_text(out_dir / "compare.md", render_comparison(rows))
+    atomic_write_text(out_dir / "compare.md", render_comparison(rows, comparison["paired"]))
     log.info("compare: %s", out_dir / "compare.md")
     return comparison
 
 
-def render_comparison(rows: list[dict]) -> str:
+def render_comparison(rows: list[dict], paired: dict) -> str:
     suites = sorted({s for r in rows for s in r["scores"]})
     header = "| method | " + " | ".join(
         f"{s} ({'acc' if rows[0]['scores'].get(s, {}).get('metric') == 'accuracy' else 'NLL'})" for s in suites
@@ -114,6 +143,24 @@ def render_comparison(rows: list[dict]) -> str:
                          (str(v["value"]) if v else ""))
         lines.append(f"| {r['method']} | " + " | ".join(cells) +
                      f" | {r['kl_base_final']} | {r['drift_relative']} |")
+    fmt = lambda c: f"{c['delta']:+.4g} [{c['ci95'][0]:+.4g}, {c['ci95'][1]:+.4g}]"
+    if paired["vs_base"]:
+        lines += ["", "## Change from the base model, item by item", "",
+                  "Final minus base on the same items, 95% paired bootstrap interval; an interval that holds 0 "
+                  "is no measurable change.", "",
+                  "| method | " + " | ".join(suites) + " |", "|---|" + "---:|" * len(suites)]
+        for method, changes in paired["vs_base"].items():
+            lines.append(f"| {method} | " + " | ".join(fmt(changes[s]) if s in changes else "" for s in suites) + " |")
+    if paired["sa_sft_vs_task_only"]:
+        lines += ["", "## SA-SFT against task-only SFT", "",
+                  "sa_sft minus task_only on the same items (accuracy: positive favours SA-SFT; NLL: negative "
+                  "favours SA-SFT), 95% paired bootstrap interval.", ""]
+        for suite, c in paired["sa_sft_vs_task_only"].items():
+            lower_better = "accuracy" != next((r["scores"][suite]["metric"] for r in rows if suite in r["scores"]), "")
+            favours = ("SA-SFT" if (c["delta"] < 0) == lower_better else "task-only")
+            verdict = ("no measurable difference" if c["ci95"][0] <= 0 <= c["ci95"][1]
+                       else f"favours {favours}")
+            lines.append(f"- {suite}: {fmt(c)} (n={c['n']}): {verdict}")
     lines += ["", "Plots: `plots/compare_scores.png`, `plots/compare_drift.png`, `plots/compare_loss.png`."]
     return "\n".join(lines) + "\n"
 

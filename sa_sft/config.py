@@ -129,9 +129,14 @@ class EvaluateConfig:
     batch_size: int = opt(16, min=1, results=False, help="sequences per forward pass when scoring")
     max_seq_len: int = opt(1024, min=8, help="longer held-out samples are truncated")
     threads: int = opt(0, min=0, results=False, help="torch threads (0: all cores)")
-    suites: list[str] = opt([], help="general suites scored before and after: built-ins (mmlu) or mc:PATH JSONL")
+    suites: list[str] = opt([], help="general suites scored before and after: built-ins (mmlu, humaneval) or mc:PATH / gen:PATH JSONL")
     max_items: int = opt(0, min=0, help="items per general suite (0: all)")
     mc_scoring: Literal["text", "letter"] = opt("text", help="multiple choice: most likely option text (cloze) or option letter")
+    task_checker: str = opt("auto", help="in-domain accuracy of the held-out task answers generated with vLLM: "
+                            "numeric, exact, python:FILE:FUNCTION, none, or auto (numeric for builtin:gsm_symbolic, else none)")
+    max_new_tokens: int = opt(512, min=1, help="longest generated answer in generation suites")
+    allow_code_execution: bool = opt(False, help="let code suites (humaneval) run model-written code in the sandbox")
+    code_timeout_s: float = opt(10.0, min=0.1, help="wall-clock limit per sandboxed program")
     drift: bool = opt(True, help="measure the weights' L2 drift from the base, per layer")
 
 
@@ -204,6 +209,12 @@ def check_consistency(cfg: "Config") -> "Config":
                         "set mix.self_ratio=0 and data.heldout_self=0")
     if cfg.mix.external_ratio and not cfg.data.external_path:
         raise UserError("config key mix.external_ratio needs data.external_path")
+    checker = cfg.evaluate.task_checker
+    if checker not in ("auto", "none", "numeric", "exact") and not checker.startswith("python:"):
+        raise UserError(f"config key evaluate.task_checker must be auto, none, numeric, exact or python:FILE:FUNCTION; got {checker!r}")
+    if "humaneval" in cfg.evaluate.suites and not cfg.evaluate.allow_code_execution:
+        raise UserError("evaluate.suites: humaneval runs model-written code; set evaluate.allow_code_execution=true "
+                        "to run it in the sandbox (no network, limited memory and time)")
     if 0 <= cfg.generate.num_samples < cfg.data.heldout_self:
         raise UserError(f"config key generate.num_samples ({cfg.generate.num_samples}) must be at least "
                         f"data.heldout_self ({cfg.data.heldout_self})")

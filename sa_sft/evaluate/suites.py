@@ -1,11 +1,15 @@
 """Evaluation suites: multiple choice by log-likelihood, generation with a checker, and the statistics.
 
-A suite is named in `evaluate.suites` as a built-in (`mmlu`) or `mc:PATH` / `gen:PATH` for a
-JSONL file of one's own:
+A suite is named in `evaluate.suites` as a built-in (`mmlu`, `humaneval`) or `mc:PATH` /
+`gen:PATH` for a JSONL file of one's own:
     mc:  {"question": str, "choices": [str, ...], "answer": index}
-    gen: {"messages": [...] ending with the assistant's reference, or "prompt": str, "answer": str}
-The in-domain suite is always the held-out task split, generated with vLLM and checked.
+    gen: {"messages": [...] (a final assistant turn is dropped) or "prompt": str, "answer": str,
+          optional "checker": numeric | exact | python:FILE:FUNCTION (default exact)}
+Generation and code suites are answered greedily by vLLM (generation.py). The in-domain suite
+is the held-out task split, checked by `evaluate.task_checker`.
 """
+import functools
+import importlib.util
 import json
 import math
 import random
@@ -18,16 +22,35 @@ import torch
 from sa_sft.chat import render
 from sa_sft.errors import UserError
 
-BUILTIN_SUITES = {"mmlu": "mc"}
+BUILTIN_SUITES = {"mmlu": "mc", "humaneval": "code"}
 LETTERS = "ABCDEFGHIJ"
+CHECKERS = ("numeric", "exact")
+# Where a HumanEval completion ends: the next top-level statement.
+CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
 
 
 @dataclass
 class Suite:
     name: str
-    kind: str          # mc | gen
+    kind: str          # mc | gen | code
     rows: list[dict]
-    checker: str = "numeric"
+
+
+def row_problem(kind: str, row) -> str | None:
+    if not isinstance(row, dict):
+        return "each line must be a JSON object"
+    if kind == "mc" and not (isinstance(row.get("choices"), list) and isinstance(row.get("answer"), int)
+                             and 0 <= row["answer"] < len(row["choices"]) and row.get("question")):
+        return "needs question, choices (list) and answer (index into choices)"
+    if kind == "gen":
+        if "answer" not in row or not (isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)):
+            return "needs answer and a prompt (string) or messages (list)"
+        checker = row.get("checker", "exact")
+        if checker not in CHECKERS and not str(checker).startswith("python:"):
+            return f"checker must be numeric, exact or python:FILE:FUNCTION, got {checker!r}"
+    if kind == "code" and not all(isinstance(row.get(k), str) for k in ("prompt", "test", "entry_point")):
+        return "needs prompt, test and entry_point strings"
+    return None
 
 
 def load_suite(spec: str, max_items: int) -> Suite:
@@ -50,13 +73,11 @@ def load_suite(spec: str, max_items: int) -> Suite:
             continue
         try:
             row = json.loads(line)
-            if kind == "mc" and not (isinstance(row.get("choices"), list) and isinstance(row.get("answer"), int)
-                                     and 0 <= row["answer"] < len(row["choices"]) and row.get("question")):
-                raise ValueError("needs question, choices (list) and answer (index into choices)")
-            if kind == "gen" and "answer" not in row:
-                raise ValueError("needs answer")
         except ValueError as e:
-            raise UserError(f"{path}:{line_no}: {e}") from None
+            raise UserError(f"{path}:{line_no}: not valid JSON ({e})") from None
+        problem = row_problem(kind, row)
+        if problem:
+            raise UserError(f"{path}:{line_no}: {problem}")
         rows.append(row)
     if not rows:
         raise UserError(f"evaluate.suites: {path} has no items")
@@ -143,6 +164,35 @@ def bootstrap_ratio_ci(sums: list[float], counts: list[int], seed: int = 0, resa
     return [round(stats[int(0.025 * resamples)], 5), round(stats[int(0.975 * resamples) - 1], 5)]
 
 
+def paired_bootstrap_delta(sums_a: list[float], sums_b: list[float], counts: list[int], seed: int = 0,
+                           resamples: int = 2000) -> dict:
+    """ratio(b) - ratio(a) over the same items, with a 95% interval from resampling items jointly.
+
+    Pairing removes the spread between items, which both models share, so it separates two
+    models scored on the same questions far better than comparing their separate intervals."""
+    n = len(counts)
+    if n == 0:
+        return {"delta": 0.0, "ci95": [0.0, 0.0], "n": 0}
+    ratio = lambda sums, idx: sum(sums[i] for i in idx) / max(sum(counts[i] for i in idx), 1)
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        stats.append(ratio(sums_b, idx) - ratio(sums_a, idx))
+    stats.sort()
+    everything = range(n)
+    return {"delta": round(ratio(sums_b, everything) - ratio(sums_a, everything), 5),
+            "ci95": [round(stats[int(0.025 * resamples)], 5), round(stats[int(0.975 * resamples) - 1], 5)], "n": n}
+
+
+def item_sums(result: dict) -> tuple[list[float], list[int]]:
+    """Per-item (sum, count) of a suite result: correct/1 for accuracy, NLL sum/tokens for NLL."""
+    if "per_item" in result:
+        return [float(c) for c in result["per_item"]], [1] * len(result["per_item"])
+    counts = result["per_sample_tokens"]
+    return [m * c for m, c in zip(result["per_sample_mean_nll"], counts)], counts
+
+
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -158,7 +208,28 @@ def extract_number(text: str) -> float | None:
         return None
 
 
+@functools.cache
+def python_checker(spec: str):
+    """`python:FILE:FUNCTION`: the user's own scorer, called as FUNCTION(completion, answer) -> bool."""
+    file, _, function = spec.removeprefix("python:").rpartition(":")
+    if not file or not function:
+        raise UserError(f"checker {spec!r} must look like python:FILE:FUNCTION")
+    module_spec = importlib.util.spec_from_file_location("sa_sft_user_checker", file)
+    if module_spec is None:
+        raise UserError(f"checker {spec!r}: cannot load {file}")
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except FileNotFoundError:
+        raise UserError(f"checker {spec!r}: {file} does not exist") from None
+    if not callable(getattr(module, function, None)):
+        raise UserError(f"checker {spec!r}: {file} has no function {function}")
+    return getattr(module, function)
+
+
 def check(checker: str, completion: str, answer) -> bool:
+    if checker.startswith("python:"):
+        return bool(python_checker(checker)(completion, answer))
     if checker == "exact":
         return completion.strip() == str(answer).strip()
     value = extract_number(completion)

@@ -50,7 +50,7 @@ def engine_env(cfg, cache_root: str, cpu_ids: list[int] | None = None, threads: 
     return env
 
 
-def engine_kwargs(cfg, model_path: str, trust_remote_code: bool, seed: int) -> dict:
+def engine_kwargs(cfg, model_path: str, trust_remote_code: bool, seed: int, max_model_len: int | None = None) -> dict:
     kwargs = {
         "model": model_path,
         "tokenizer": model_path,
@@ -59,8 +59,8 @@ def engine_kwargs(cfg, model_path: str, trust_remote_code: bool, seed: int) -> d
         "enforce_eager": cfg.enforce_eager,
         # The longest prompt is the whole dialogue so far plus the template; a rewrite's prompt holds
         # a task row of unknown length, so it gets the model's own context length.
-        "max_model_len": (None if cfg.strategy == "rewrite"
-                          else cfg.turns // 2 * (cfg.max_user_tokens + cfg.max_assistant_tokens) + 256),
+        "max_model_len": max_model_len or (None if cfg.strategy == "rewrite"
+                                           else cfg.turns // 2 * (cfg.max_user_tokens + cfg.max_assistant_tokens) + 256),
         "max_num_seqs": cfg.max_num_seqs,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "trust_remote_code": trust_remote_code,
@@ -142,3 +142,18 @@ class EngineActor:
                 submit(index)
         return {"shard": shard, "node": node_label(), "dialogues": [strategies.finish_state(s) for s in states],
                 "seconds": time.time() - started, "tokens": tokens}
+
+    def complete(self, prompts: list[str], max_tokens: int, stop: list[str], tag=None) -> dict:
+        """Greedy completions of raw prompt texts (evaluation), in order; `tag` comes back with them.
+        A prompt too long to leave room for `max_tokens` keeps its end."""
+        from vllm import SamplingParams
+
+        started = time.time()
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=stop or None,
+                                stop_token_ids=self.stop_ids, skip_special_tokens=True)
+        room = self.llm.llm_engine.model_config.max_model_len - max_tokens
+        token_ids = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"][-room:]}
+                     for p in prompts]
+        outputs = self.llm.generate(token_ids, params, use_tqdm=False)
+        return {"tag": tag, "texts": [o.outputs[0].text for o in outputs], "node": node_label(),
+                "tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "seconds": time.time() - started}

@@ -21,12 +21,12 @@ ENGINE_NAMESPACE = "sa_sft"
 
 class EnginePool:
     def __init__(self, cfg, model_path: str, trust_remote_code: bool, seed: int, cache_root: str,
-                 own_machine: bool = True):
+                 own_machine: bool = True, max_model_len: int | None = None):
         """`own_machine`: the Ray instance is this run's alone (a local one), so engines are pinned to
         disjoint cores; on a cluster they are spread over the nodes and the OS schedules their threads."""
         self.cfg = cfg
         self.own_machine = own_machine
-        self.kwargs = engine_kwargs(cfg, model_path, trust_remote_code, seed)
+        self.kwargs = engine_kwargs(cfg, model_path, trust_remote_code, seed, max_model_len)
         self.cache_root = cache_root
         self.placement_groups: list = [None] * cfg.engines
         self.started = 0

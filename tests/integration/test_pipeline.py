@@ -14,10 +14,16 @@ def sa_sft(*args, timeout=1200):
     return subprocess.run([sys.executable, "-m", "sa_sft.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
+# Every kind of evaluation suite: in-domain answers checked, a gen: file with a python: scorer,
+# HumanEval in the sandbox, MMLU by log-likelihood.
+EVAL_OVERRIDES = ("evaluate.task_checker=numeric", "evaluate.suites=[mmlu,humaneval,gen:tests/data/suites/arithmetic.jsonl]",
+                  "evaluate.allow_code_execution=true", "evaluate.max_items=6")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    proc = sa_sft("run", "tiny", f"output_dir={run_dir}")
+    proc = sa_sft("run", "tiny", f"output_dir={run_dir}", *EVAL_OVERRIDES)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run_dir
 
@@ -36,6 +42,24 @@ def test_report_has_every_stage_and_the_numbers(tiny_run):
     # Six steps at lr 1e-3 on the task data must lower the held-out task NLL of a random model.
     assert report["eval"]["task_heldout"]["delta"] < 0
     assert "| task_heldout |" in (tiny_run / "report.md").read_text()
+
+
+def test_generation_suites_answered_by_vllm_and_checked(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    sizes = {"task_accuracy": 8, "humaneval": 6, "arithmetic": 4, "mmlu": 6}
+    for suite, n in sizes.items():
+        row = report["eval"][suite]
+        assert row["metric"] == "accuracy" and 0 <= row["base"] <= 1 and 0 <= row["final"] <= 1
+        assert len(row["ci95"]["final"]) == 2
+    for model in ("base", "final"):
+        records = [json.loads(line) for line in (tiny_run / "eval" / f"{model}-generations.jsonl").read_text().splitlines()]
+        counts = {s: sum(r["suite"] == s for r in records) for s in ("task_accuracy", "humaneval", "arithmetic")}
+        assert counts == {s: sizes[s] for s in counts}
+        assert any(r["completion"] for r in records)  # vLLM wrote something (whitespace, for a random model)
+        # A random model's code does not pass, and the sandbox says why each program failed.
+        assert all(r["reason"] != "passed" for r in records if r["suite"] == "humaneval")
+        scores = json.loads((tiny_run / "eval" / f"{model}.json").read_text())["suites"]
+        assert sum(r["correct"] for r in records if r["suite"] == "arithmetic") == sum(scores["arithmetic"]["per_item"])
 
 
 def test_generate_wrote_shards_from_a_ray_vllm_engine(tiny_run):
@@ -72,7 +96,7 @@ def test_exported_model_loads_and_generates(tiny_run):
 
 def test_rerun_skips_every_finished_stage(tiny_run):
     started = time.time()
-    proc = sa_sft("run", "tiny", f"output_dir={tiny_run}")
+    proc = sa_sft("run", "tiny", f"output_dir={tiny_run}", *EVAL_OVERRIDES)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for stage in ("generate", "mix", "train", "evaluate"):
         assert f"{stage}: already complete" in proc.stderr

@@ -70,3 +70,54 @@ def test_mmlu_rows_are_parsed_from_the_evals_format():
     from sa_sft.prepared_data import mmlu_rows
     line = '{"topic": "t", "question": "Q?\\nA. one\\nB. two\\nC. three\\nD. four\\nAnswer:", "answer": "C"}'
     assert mmlu_rows(line) == [{"question": "Q?", "choices": ["one", "two", "three", "four"], "answer": 2, "subject": "t"}]
+
+
+def test_generation_suite_rows_and_checkers(tmp_path):
+    from sa_sft.evaluate.suites import check, load_suite
+    suite = load_suite("gen:tests/data/suites/arithmetic.jsonl", 0)
+    assert suite.kind == "gen" and suite.name == "arithmetic" and len(suite.rows) == 4
+    assert check(suite.rows[2]["checker"], "Sure: BANANA!", "banana")  # the user's python: scorer
+    assert not check(suite.rows[2]["checker"], "apple", "banana")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "answer": "x"}\n{"prompt": "hi"}\n')
+    with pytest.raises(UserError, match=rf"{bad}:2: needs answer and a prompt"):
+        load_suite(f"gen:{bad}", 0)
+    bad.write_text('{"prompt": "hi", "answer": "x", "checker": "fuzzy"}\n')
+    with pytest.raises(UserError, match=rf"{bad}:1: checker must be"):
+        load_suite(f"gen:{bad}", 0)
+    bad.write_text('{"prompt": "hi", "answer": "x"\n')
+    with pytest.raises(UserError, match=rf"{bad}:1: not valid JSON"):
+        load_suite(f"gen:{bad}", 0)
+    with pytest.raises(UserError, match="has no function nope"):
+        check("python:tests/data/suites/contains.py:nope", "a", "a")
+
+
+def test_paired_delta_sees_a_shift_the_separate_intervals_cannot():
+    from sa_sft.evaluate.suites import paired_bootstrap_delta, wilson_interval
+    # 200 items; model b gets 10 more right than a and none of a's right answers wrong.
+    a = [1.0] * 60 + [0.0] * 140
+    b = [1.0] * 70 + [0.0] * 130
+    change = paired_bootstrap_delta(a, b, [1] * 200, seed=3)
+    assert change["delta"] == 0.05 and 0 < change["ci95"][0] < 0.05 < change["ci95"][1]
+    assert wilson_interval(70, 200)[0] < wilson_interval(60, 200)[1]  # unpaired intervals overlap
+    same = paired_bootstrap_delta(a, a, [1] * 200)
+    assert same["delta"] == 0 and same["ci95"] == [0.0, 0.0]
+
+
+def test_in_domain_suite_from_the_held_out_task_rows():
+    from sa_sft.config import load_config
+    from sa_sft.evaluate.generation import task_suite
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "so 4\n#### 12"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "no number"}]}]
+    suite = task_suite(load_config("tiny", ["evaluate.task_checker=auto"]), rows)  # builtin:gsm_symbolic
+    assert suite.name == "task_accuracy" and [r["answer"] for r in suite.rows] == [12.0]
+    assert task_suite(load_config("tiny", ["evaluate.task_checker=none"]), rows) is None
+    assert len(task_suite(load_config("tiny", ["evaluate.task_checker=exact"]), rows).rows) == 2
+
+
+def test_code_suites_need_explicit_permission_and_checkers_are_validated():
+    from sa_sft.config import load_config
+    with pytest.raises(UserError, match="evaluate.allow_code_execution=true"):
+        load_config("tiny", ["evaluate.suites=[humaneval]"])
+    with pytest.raises(UserError, match="evaluate.task_checker must be"):
+        load_config("tiny", ["evaluate.task_checker=fuzzy"])

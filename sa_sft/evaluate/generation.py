@@ -1,0 +1,100 @@
+"""Generation and code suites: greedy answers from vLLM engines on Ray, then checked.
+
+The in-domain suite is built from the held-out task rows: the prompt is the conversation up
+to the last assistant turn, the reference is what that turn's checker extracts (for
+`numeric`, the number after `####` or the last number). Code suites (HumanEval) complete the
+raw prompt and run the completion with the suite's tests in the sandbox.
+"""
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sa_sft.chat import render
+from sa_sft.config import Config
+from sa_sft.evaluate.suites import CODE_STOP, Suite, accuracy, check, extract_number, gen_prompt_messages
+
+log = logging.getLogger("sa_sft.evaluate")
+
+CHUNK = 32
+TASK_SUITE = "task_accuracy"
+BUILTIN_CHECKERS = {"builtin:gsm_symbolic": "numeric"}
+
+
+def task_checker(cfg: Config) -> str:
+    checker = cfg.evaluate.task_checker
+    return BUILTIN_CHECKERS.get(cfg.data.task_path, "none") if checker == "auto" else checker
+
+
+def task_suite(cfg: Config, heldout_rows: list[dict]) -> Suite | None:
+    """The held-out task rows as a generation suite, or None when there is no checker for them."""
+    checker = task_checker(cfg)
+    if checker == "none" or not heldout_rows:
+        return None
+    rows = []
+    for row in heldout_rows:
+        reference = row["messages"][-1]["content"]
+        answer = extract_number(reference) if checker == "numeric" else reference
+        if answer is not None:
+            rows.append({"messages": row["messages"], "answer": answer, "checker": checker})
+    if len(rows) < len(heldout_rows):
+        log.warning("evaluate: %d held-out task answers have no number to check; scoring the other %d",
+                    len(heldout_rows) - len(rows), len(rows))
+    return Suite(name=TASK_SUITE, kind="gen", rows=rows) if rows else None
+
+
+def prompt_text(tokenizer, suite: Suite, row: dict) -> str:
+    if suite.kind == "code":
+        return row["prompt"]
+    return render(tokenizer, gen_prompt_messages(row), add_generation_prompt=True)
+
+
+def complete_all(cfg: Config, model_path: Path, tokenizer, suites: list[Suite]) -> dict[str, list[str]]:
+    """Greedy completions for every row of every suite, through one pool of vLLM engines."""
+    from sa_sft.cluster.ray_cluster import ray_session
+    from sa_sft.generate.pool import EnginePool
+    from sa_sft.models import cache_dir
+
+    chunks = []  # (suite name, first row, prompts, stop)
+    for suite in suites:
+        prompts = [prompt_text(tokenizer, suite, row) for row in suite.rows]
+        stop = CODE_STOP if suite.kind == "code" else []
+        chunks += [(suite.name, i, prompts[i:i + CHUNK], stop) for i in range(0, len(prompts), CHUNK)]
+    texts = {suite.name: [""] * len(suite.rows) for suite in suites}
+    max_tokens = cfg.evaluate.max_new_tokens
+    bar = tqdm(total=sum(len(s.rows) for s in suites), unit="answer", desc=f"evaluate {model_path.name}",
+               dynamic_ncols=True)
+    with ray_session(cfg.cluster.ray_address) as own_machine:
+        pool = EnginePool(cfg.generate, str(model_path), cfg.model.trust_remote_code, cfg.seed, str(cache_dir()),
+                          own_machine=own_machine, max_model_len=cfg.evaluate.max_seq_len + max_tokens)
+        try:
+            call = lambda actor, k: actor.complete.remote(chunks[k][2], max_tokens, chunks[k][3], tag=k)
+            for result in pool.map_shards(range(len(chunks)), call):
+                name, first, prompts, _ = chunks[result["tag"]]
+                texts[name][first:first + len(prompts)] = result["texts"]
+                bar.update(len(prompts))
+        finally:
+            pool.close()
+            bar.close()
+    return texts
+
+
+def score_generated(cfg: Config, suite: Suite, completions: list[str]) -> tuple[dict, list[dict]]:
+    """(accuracy with its interval, one record per item for eval/<model>-generations.jsonl)."""
+    if suite.kind == "code":
+        from sa_sft.evaluate.sandbox import run_python
+
+        programs = [f"{row['prompt']}{text}\n\n{row['test']}\n\ncheck({row['entry_point']})\n"
+                    for row, text in zip(suite.rows, completions)]
+        with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as workers:
+            outcomes = list(workers.map(lambda p: run_python(p, cfg.evaluate.code_timeout_s), programs))
+        correct = [o.passed for o in outcomes]
+        reasons = [o.reason for o in outcomes]
+    else:
+        correct = [check(row.get("checker", "exact"), text, row["answer"]) for row, text in zip(suite.rows, completions)]
+        reasons = ["passed" if c else "wrong" for c in correct]
+    records = [{"suite": suite.name, "item": i, "completion": text, "correct": c, "reason": r}
+               for i, (text, c, r) in enumerate(zip(completions, correct, reasons))]
+    return accuracy(correct), records
