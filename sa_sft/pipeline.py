@@ -39,6 +39,17 @@ def preflight(cfg: Config, stages: list[str]) -> None:
     if "train" in stages:
         from sa_sft.train.ds_config import load_preset
         load_preset(cfg.train.deepspeed_config)
+    if "evaluate" in stages:
+        from sa_sft.evaluate.suites import load_suite, python_checker
+        suites = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
+        checkers = {row["checker"] for s in suites for row in s.rows if str(row.get("checker", "")).startswith("python:")}
+        if cfg.evaluate.task_checker.startswith("python:"):
+            checkers.add(cfg.evaluate.task_checker)
+        for checker in checkers:
+            python_checker(checker)
+        if any(s.kind == "code" for s in suites):
+            from sa_sft.evaluate.sandbox import check_isolation
+            check_isolation()
 
 
 @contextlib.contextmanager

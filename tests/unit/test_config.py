@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,3 +81,17 @@ def test_compare_refuses_an_unknown_method_in_one_line():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: compare: unknown method(s) lora")
+
+
+def test_bad_evaluation_suites_fail_before_any_stage_runs(tmp_path):
+    bad = tmp_path / "quiz.jsonl"
+    bad.write_text('{"question": "2+2?", "choices": ["3", "4"], "answer": 7}\n')
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "sa_sft.cli", "run", "tiny", f"output_dir={tmp_path / 'run'}",
+                           f"evaluate.suites=[mc:{bad}]"], capture_output=True, text=True)
+    assert proc.returncode == 2 and time.time() - started < 60
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:1: needs question, choices (list) and answer (index into choices)"
+    assert not (tmp_path / "run" / "generate").exists()
+    proc = subprocess.run([sys.executable, "-m", "sa_sft.cli", "run", "tiny", f"output_dir={tmp_path / 'run'}",
+                           "evaluate.task_checker=python:tests/data/suites/contains.py:missing"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "has no function missing" in proc.stderr.strip().splitlines()[-1]
