@@ -38,6 +38,7 @@ class ModelConfig:
 class DataConfig:
     task_path: str = opt("builtin:gsm_symbolic", help="task JSONL (chat `messages` or instruction/response) or builtin:NAME")
     on_bad_row: Literal["error", "skip"] = opt("error", help="a malformed task row stops the run or is skipped and counted")
+    max_row_bytes: int = opt(16 * 2**20, min=1024, results=False, help="longest accepted line in a data file, in bytes (a longer one is a bad row)")
     max_task_samples: int = opt(0, min=0, help="use at most this many task rows (0: all)")
     heldout_task: int = opt(64, min=0, help="task rows held out for evaluation")
     heldout_self: int = opt(32, min=0, help="self-dialogues held out for evaluation")

@@ -49,9 +49,51 @@ def resolve_model(name_or_path: str, key: str = "model.path") -> Path:
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise UserError(f"{key}: {name_or_path} is not a directory (use 'default', 'tiny' or a local HF folder)")
-    if not (path / "config.json").exists():
-        raise UserError(f"{key}: {path} has no config.json; it is not a Hugging Face model folder")
+    check_model_folder(path, key)
     return path.resolve()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_folder(path: Path, key: str = "model.path") -> None:
+    """What every stage needs from a model folder, checked before anything runs: a readable config,
+    safetensors weights (never pickles), a tokenizer with a chat template, and a vocabulary that
+    fits the model's embeddings."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{key}: {path} has no config.json; it is not a Hugging Face model folder") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{key}: {path / 'config.json'} is not valid JSON ({e})") from None
+    if not list(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        raise UserError(f"{key}: {path} has no *.safetensors weights" + (
+            f" (only {', '.join(sorted(pickles)[:3])}: sa-sft does not load pickled weights; convert them to "
+            "safetensors with transformers' save_pretrained(safe_serialization=True) on a trusted machine)" if pickles else ""))
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise UserError(f"{key}: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    try:
+        tokenizer_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        tokenizer_config = {}
+    if not tokenizer_config.get("chat_template") and not any(
+            (path / f).exists() for f in ("chat_template.jinja", "chat_template.json")):
+        raise UserError(f"{key}: {path} has no chat template (tokenizer_config.json chat_template or "
+                        "chat_template.jinja); self-dialogues and training need one")
+    vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    if (path / "tokenizer.json").exists() and vocab:
+        try:
+            tokenizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{key}: {path / 'tokenizer.json'} is not valid JSON ({e})") from None
+        ids = list(tokenizer.get("model", {}).get("vocab", {}).values() if isinstance(
+            tokenizer.get("model", {}).get("vocab"), dict) else []) + [t.get("id", 0) for t in tokenizer.get("added_tokens", [])]
+        if ids and max(ids) >= vocab:
+            raise UserError(f"{key}: {path}: its tokenizer has token id {max(ids)} but the model's embeddings "
+                            f"hold {vocab} (config.json vocab_size): tokenizer and model do not match")
 
 
 def model_identity(path: Path) -> dict:

@@ -1,10 +1,12 @@
 """Runs stages in order on one run directory; finished stages are skipped, interrupted ones resume."""
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 from sa_sft.config import Config
 from sa_sft.data.task import read_task_data
+from sa_sft.errors import UserError
 from sa_sft.io import atomic_write_text, file_lock
 from sa_sft.models import resolve_model
 from sa_sft.report import write_report
@@ -29,27 +31,42 @@ def stage_runner(name: str):
 
 
 def preflight(cfg: Config, stages: list[str]) -> None:
-    """Cheap checks of everything the stages will read, so bad input fails in seconds, not after generation."""
+    """Cheap checks of everything the pipeline will read, whichever stage runs now, so bad input
+    fails in seconds with one line, not after an hour of generation."""
+    check_local_ranks(cfg)
     resolve_model(cfg.model.path)
-    if "mix" in stages:
-        from sa_sft.data.mix import check_self_supply
-        check_self_supply(cfg, len(read_task_data(cfg.data.task_path, cfg.data.on_bad_row).rows))
-        if cfg.data.external_path:
-            read_task_data(cfg.data.external_path, cfg.data.on_bad_row, key="data.external_path")
-    if "train" in stages:
-        from sa_sft.train.ds_config import load_preset
-        load_preset(cfg.train.deepspeed_config)
-    if "evaluate" in stages:
-        from sa_sft.evaluate.suites import load_suite, python_checker
-        suites = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
-        checkers = {row["checker"] for s in suites for row in s.rows if str(row.get("checker", "")).startswith("python:")}
-        if cfg.evaluate.task_checker.startswith("python:"):
-            checkers.add(cfg.evaluate.task_checker)
-        for checker in checkers:
-            python_checker(checker)
-        if any(s.kind == "code" for s in suites):
-            from sa_sft.evaluate.sandbox import check_isolation
-            check_isolation()
+    from sa_sft.data.mix import check_self_supply
+    check_self_supply(cfg, len(read_task_data(cfg.data.task_path, cfg.data.on_bad_row,
+                                              max_row_bytes=cfg.data.max_row_bytes).rows))
+    if cfg.data.external_path:
+        read_task_data(cfg.data.external_path, cfg.data.on_bad_row, key="data.external_path",
+                       max_row_bytes=cfg.data.max_row_bytes)
+    from sa_sft.train.ds_config import load_preset
+    load_preset(cfg.train.deepspeed_config)
+    from sa_sft.evaluate.suites import load_suite, python_checker
+    suites = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
+    checkers = {row["checker"] for s in suites for row in s.rows if str(row.get("checker", "")).startswith("python:")}
+    if cfg.evaluate.task_checker.startswith("python:"):
+        checkers.add(cfg.evaluate.task_checker)
+    for checker in checkers:
+        python_checker(checker)
+    if "evaluate" in stages and any(s.kind == "code" for s in suites):
+        from sa_sft.evaluate.sandbox import check_isolation
+        check_isolation()
+
+
+def check_local_ranks(cfg: Config) -> None:
+    """torchrun and deepspeed start every rank on this node: one device (or core) each at least."""
+    if cfg.train.launcher not in ("torchrun", "deepspeed"):
+        return
+    if cfg.train.device == "cuda":
+        import torch
+        have, what = torch.cuda.device_count(), "GPU(s)"
+    else:
+        have, what = os.cpu_count() or 1, "CPU cores"
+    if cfg.train.ranks > have:
+        raise UserError(f"config key train.ranks ({cfg.train.ranks}) is more than the {have} {what} of this node; "
+                        "lower it, or spread ranks over nodes with train.launcher=srun or ray")
 
 
 @contextlib.contextmanager

@@ -101,7 +101,7 @@ def run_mix(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    task_data = read_task_data(cfg.data.task_path, cfg.data.on_bad_row)
+    task_data = read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes)
     stage = open_stage(run_dir, "mix", mix_inputs(cfg, run_dir, task_data.path), overwrite)
     if stage is None:
         return read_json(run_dir / "mix" / "manifest.json")
@@ -120,7 +120,8 @@ def run_mix(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                         f"data.heldout_task={cfg.data.heldout_task}")
     external = []
     if cfg.data.external_path:
-        external = read_task_data(cfg.data.external_path, cfg.data.on_bad_row, key="data.external_path").rows
+        external = read_task_data(cfg.data.external_path, cfg.data.on_bad_row, key="data.external_path",
+                                  max_row_bytes=cfg.data.max_row_bytes).rows
         random.Random(f"{cfg.seed}/external").shuffle(external)
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.path), trust_remote_code=cfg.model.trust_remote_code)

@@ -60,14 +60,32 @@ def row_to_messages(row) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_task_data(spec: str, on_bad_row: str = "error", key: str = "data.task_path") -> TaskData:
+def bounded_lines(f, max_bytes: int):
+    """(raw line or None when it is longer than max_bytes) for each line, never holding more than
+    max_bytes of one line in memory."""
+    while True:
+        raw = f.readline(max_bytes + 1)
+        if not raw:
+            return
+        if len(raw) > max_bytes and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
+
+
+def read_task_data(spec: str, on_bad_row: str = "error", key: str = "data.task_path",
+                   max_row_bytes: int = 16 * 2**20) -> TaskData:
     path = resolve_task_path(spec, key)
     rows, skipped = [], []
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
+        for line_no, raw in enumerate(bounded_lines(f, max_row_bytes), start=1):
+            if raw is not None and not raw.strip():
                 continue
             try:
+                if raw is None:
+                    raise ValueError(f"line longer than {max_row_bytes} bytes (data.max_row_bytes)")
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:

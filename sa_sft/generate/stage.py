@@ -127,7 +127,7 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     model_path = resolve_model(cfg.model.path)
     rewrite = gcfg.strategy == "rewrite"
     from_task = rewrite or gcfg.num_samples < 0
-    task_data = read_task_data(cfg.data.task_path, cfg.data.on_bad_row) if from_task else None
+    task_data = read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes) if from_task else None
     task_rows = task_data.rows[: cfg.data.max_task_samples or None] if from_task else None
     stage = open_stage(run_dir, "generate", generate_inputs(cfg, model_path, task_data), overwrite)
     if stage is None:
