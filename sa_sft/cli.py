@@ -1,5 +1,6 @@
 """The `sa-sft` command: thin argument parsing around the stages."""
 import argparse
+import errno
 import logging
 import signal
 import sys
@@ -74,9 +75,16 @@ def stop_on_signal(signum, _frame):
                       signal.Signals(signum).name)
 
 
+# A full disk or a read-only/forbidden output directory: the user's to fix, not a bug.
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+EXIT_STORAGE = 74  # EX_IOERR
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # A log line that cannot be written (disk full) must not bury the real error under a traceback.
+    logging.raiseExceptions = False
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, stop_on_signal)
     try:
@@ -111,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.errno not in STORAGE_ERRORS:
+            raise
+        print(f"error: cannot write {e.filename or 'an output'}: {e.strerror}; every file written before is intact "
+              "(outputs are replaced atomically); free space or fix the permissions, then rerun to resume", file=sys.stderr)
+        return EXIT_STORAGE
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

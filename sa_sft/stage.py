@@ -6,7 +6,9 @@ manifest has the same fingerprint is skipped; one with a plan but no manifest re
 one made from a different config or different inputs is refused unless overwritten.
 """
 import logging
+import os
 import platform
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,18 @@ from sa_sft.io import atomic_write_json, read_json, sha256_json
 log = logging.getLogger("sa_sft.stage")
 
 STAGES = ("generate", "mix", "train", "evaluate")
+
+
+# Recorded in every manifest: what shapes a run's speed or placement. Names that look like a
+# secret are never recorded, whatever their prefix.
+RECORDED_ENV_PREFIXES = ("CUDA_", "NCCL_", "OMP_", "MKL_", "SLURM_JOB_", "SLURM_NNODES", "SLURM_NTASKS", "VLLM_",
+                         "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_ADDRESS", "SA_SFT_", "MASTER_", "TORCH_")
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE", re.IGNORECASE)
+
+
+def recorded_environment() -> dict:
+    return {k: os.environ[k] for k in sorted(os.environ)
+            if k.startswith(RECORDED_ENV_PREFIXES) and not SECRET_NAME.search(k)}
 
 
 def versions() -> dict:
@@ -68,6 +82,7 @@ class Stage:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "inputs": self.inputs,
             "versions": versions(),
+            "environment": recorded_environment(),
             **outputs,
         }
         atomic_write_json(self.manifest_path, manifest)

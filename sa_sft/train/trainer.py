@@ -76,12 +76,22 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
 
 
 def latest_checkpoint(ckpt_dir: Path) -> str | None:
-    """The tag DeepSpeed recorded last; it writes `latest` only after a save completed."""
+    """The last complete checkpoint: `latest` is written (atomically, by rank 0) only after every
+    rank finished saving, so a tag it names is whole."""
     latest = ckpt_dir / "latest"
     if not latest.exists():
         return None
     tag = latest.read_text().strip()
     return tag if (ckpt_dir / tag).is_dir() else None
+
+
+def discard_incomplete_checkpoints(ckpt_dir: Path) -> list[str]:
+    """Remove checkpoint directories newer than `latest`: saves cut short by a crash."""
+    latest = latest_checkpoint(ckpt_dir) or ""
+    partial = sorted(p.name for p in ckpt_dir.glob("step-*") if p.is_dir() and p.name > latest)
+    for tag in partial:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    return partial
 
 
 def prune_checkpoints(ckpt_dir: Path, keep_last: int) -> None:
@@ -268,9 +278,13 @@ def main() -> None:
     ckpt_dir = train_dir / "checkpoints"
     metrics_path = train_dir / "metrics.jsonl"
     step = 0
+    if rank == 0 and ckpt_dir.exists():
+        for tag in discard_incomplete_checkpoints(ckpt_dir):
+            log.warning("removed %s: its save was cut short (not named by %s)", ckpt_dir / tag, ckpt_dir / "latest")
+    dist.barrier()
     if latest_checkpoint(ckpt_dir):
         tag = latest_checkpoint(ckpt_dir)
-        _, client_state = engine.load_checkpoint(str(ckpt_dir))
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         step = client_state["step"]
         rng = torch.load(ckpt_dir / tag / f"rng_rank{rank}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
@@ -289,14 +303,16 @@ def main() -> None:
         if at_step == saved_at:
             return
         saved_at = at_step
-        # RNG first: DeepSpeed writes `latest` last, so a checkpoint it names is complete.
-        tag_dir = ckpt_dir / f"step-{at_step:07d}"
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"torch": torch.get_rng_state()}, tag_dir / f"rng_rank{rank}.pt")
-        engine.save_checkpoint(str(ckpt_dir), tag=f"step-{at_step:07d}", client_state={"step": at_step})
+        tag = f"step-{at_step:07d}"
+        (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"torch": torch.get_rng_state()}, ckpt_dir / tag / f"rng_rank{rank}.pt")
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": at_step}, save_latest=False)
+        # Only once every rank has written its part does the checkpoint become the one to resume from.
         dist.barrier()
         if rank == 0:
+            atomic_write_text(ckpt_dir / "latest", tag)
             prune_checkpoints(ckpt_dir, tcfg.keep_last)
+        dist.barrier()
 
     progress = None
     if rank == 0:

@@ -42,16 +42,25 @@ def copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
+def latest(run_dir: Path) -> str | None:
+    path = run_dir / "train" / "checkpoints" / "latest"
+    return path.read_text().strip() if path.exists() else None
+
+
 def kill_after_checkpoint(args: list[str], run_dir: Path, tag: str) -> None:
-    """Start training, SIGKILL the whole process group once checkpoint `tag` is complete."""
+    """Start training, SIGKILL every trainer process once checkpoint `tag` is complete (mid-step)."""
+    kill_when(args, run_dir, lambda: latest(run_dir) == tag)
+
+
+def kill_when(args: list[str], run_dir: Path, ready) -> None:
+    """Start training, SIGKILL every trainer process as soon as `ready()` holds."""
     proc = subprocess.Popen([sys.executable, "-m", "sa_sft.cli", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    latest = run_dir / "train" / "checkpoints" / "latest"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if latest.exists() and latest.read_text().strip() == tag:
+        if ready():
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     assert proc.poll() is None, "training ended before it could be killed"
     # torchrun starts its ranks in sessions of their own: kill the whole tree, not just the group.
     import psutil
@@ -84,6 +93,22 @@ def test_resume_gives_the_same_loss_at_every_step(prepared, tmp_path, micro_batc
     steps_per_epoch = mix["rows_per_rank"] // micro_batch
     assert (every % steps_per_epoch == 0) == (where == "epoch boundary")
     assert len(losses(straight)) == steps
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
+
+
+def test_kill_mid_checkpoint_save_resumes_from_the_last_complete_one(prepared, tmp_path):
+    args = [*SMALL, "train.checkpoint_every=2", "train.max_steps=6"]
+    straight = copy_run(prepared, tmp_path / "straight")
+    assert cli("train", "tiny", f"output_dir={straight}", *args).returncode == 0
+    resumed = copy_run(prepared, tmp_path / "resumed")
+    partial = resumed / "train" / "checkpoints" / "step-0000004"
+    # The save of step 4 has begun (its directory exists) but not every rank has finished it.
+    kill_when(["train", "tiny", f"output_dir={resumed}", *args], resumed, partial.exists)
+    assert partial.exists() and latest(resumed) == "step-0000002", "the kill did not land inside the save"
+    proc = cli("train", "tiny", f"output_dir={resumed}", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step-0000004: its save was cut short" in proc.stderr
+    assert "resumed from step-0000002 at step 2" in proc.stderr
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
 
 

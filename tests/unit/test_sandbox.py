@@ -2,8 +2,6 @@
 import os
 import time
 
-import pytest
-
 from sa_sft.evaluate.sandbox import run_python
 
 

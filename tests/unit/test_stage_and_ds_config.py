@@ -60,3 +60,17 @@ def test_checkpoint_pruning_keeps_latest(tmp_path):
     prune_checkpoints(tmp_path, keep_last=1)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000003", "step-0000004"]
     assert latest_checkpoint(tmp_path) == "step-0000003"
+
+
+def test_manifests_record_the_environment_without_secrets(tmp_path, monkeypatch):
+    import json
+
+    from sa_sft.stage import open_stage
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    for name in ("SA_SFT_API_KEY", "NCCL_SECRET", "RAY_AUTH_TOKEN", "HF_TOKEN", "SLURM_JOB_PASSWORD", "CUDA_AUTH"):
+        monkeypatch.setenv(name, "hunter2-value")
+    manifest = open_stage(tmp_path, "mix", {"x": 1}).finish()
+    assert manifest["environment"]["NCCL_SOCKET_IFNAME"] == "ib0" and manifest["environment"]["OMP_NUM_THREADS"] == "4"
+    assert "hunter2-value" not in (tmp_path / "mix" / "manifest.json").read_text()
+    assert "hunter2-value" not in json.dumps(manifest)
