@@ -9,7 +9,7 @@ export SA_SFT_CACHE_DIR ?= $(CURDIR)/.cache
 export TORCH_EXTENSIONS_DIR ?= $(SA_SFT_CACHE_DIR)/torch_extensions
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-unit bench-generation bench-training clean
+.PHONY: setup demo test test-unit bench-generation bench-training bench-evaluation clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,15 @@ test: setup
 
 test-unit: setup
 	$(BIN)/python -m pytest tests/unit
+
+bench-generation: setup
+	$(BIN)/python benchmarks/generation.py
+
+bench-training: setup
+	$(BIN)/python benchmarks/training.py
+
+bench-evaluation: setup
+	$(BIN)/python benchmarks/evaluation.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -15,3 +15,10 @@ class Interrupted(UserError):
     def __init__(self, message: str, signal_name: str = "SIGTERM"):
         super().__init__(message)
         self.signal_name = signal_name
+
+
+class StageFailed(UserError):
+    """A stage's workers failed (a rank or engine died); its work up to the last checkpoint is kept
+    and rerunning the same command resumes (exit 1)."""
+
+    exit_code = 1

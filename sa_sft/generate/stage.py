@@ -133,6 +133,8 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     if stage is None:
         return read_json(run_dir / "generate" / "manifest.json")
 
+    for stale in stage.dir.rglob(".*.tmp"):  # a write cut short by a crash; never read
+        stale.unlink()
     done = {int(p.stem.split("-")[1]) for p in (stage.dir / "shards").glob("shard-*.jsonl")}
     if done:
         log.info("generate: %d shards already on disk; generating only the missing ones", len(done))

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 from sa_sft.config import Config, section_for_results
-from sa_sft.errors import Interrupted, UserError
+from sa_sft.errors import Interrupted, StageFailed, UserError
 from sa_sft.io import atomic_write_text, read_json, read_jsonl
 from sa_sft.models import cache_dir
 from sa_sft.stage import open_stage, upstream_fingerprint
-from sa_sft.train.trainer import EXPORT_MARKER, INTERRUPTED_MARKER
+from sa_sft.train.trainer import EXPORT_MARKER, INTERRUPTED_MARKER, latest_checkpoint
 
 log = logging.getLogger("sa_sft.train")
 
@@ -155,8 +155,9 @@ def run_train(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     if returncode != 0:
         # A known DeepSpeed/gloo quirk: a rank can abort at exit after all work is saved. Trust the outputs.
         if not marker.exists():
-            raise UserError(f"train: the trainer failed (exit {returncode}); see {stage.dir / 'train.log'}; "
-                            f"rerun to resume from the last checkpoint")
+            resume = latest_checkpoint(stage.dir / "checkpoints") or "the start (no checkpoint yet)"
+            raise StageFailed(f"train: a training rank failed (launcher exit {returncode}; the launcher's summary "
+                              f"above names the rank); see {stage.dir / 'train.log'}; rerun to resume from {resume}")
         log.warning("train: the launcher exited %d after the export completed; outputs verified, continuing",
                     returncode)
     export = read_json(marker)

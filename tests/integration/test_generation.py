@@ -36,24 +36,48 @@ def test_same_samples_with_one_and_two_engines(tmp_path):
     assert manifest["engines"] == 2 and manifest["num_samples"] == 32
 
 
-def test_sigkill_mid_run_then_rerun_gives_exactly_the_requested_unique_samples(tmp_path):
-    run_dir = tmp_path / "run"
-    args = [sys.executable, "-m", "sa_sft.cli", "generate", "tiny", f"output_dir={run_dir}",
-            "generate.num_samples=64", *TINY]
+def kill_generation_at(run_dir: Path, point: str, args: list[str]) -> None:
+    """SIGKILL `sa-sft generate` (and its Ray workers) before the first shard, in the middle of a
+    shard, or just after a shard was written."""
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     shards = run_dir / "generate" / "shards"
+    count = lambda: len(list(shards.glob("shard-*.jsonl")))
     deadline = time.time() + 600
-    while len(list(shards.glob("shard-*.jsonl"))) < 2 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    if point == "before the first shard":
+        while not (run_dir / "generate" / "plan.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(2)  # engines starting or the first shard under way
+        assert count() == 0, "the first shard finished before the kill; kill sooner"
+    else:
+        while count() < 1 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        first = time.time()
+        while count() < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        if point == "mid-shard":
+            time.sleep((time.time() - first) / 2)  # half a shard's time after the second one landed
     assert proc.poll() is None, "generation finished before it could be killed; make it longer"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@pytest.mark.parametrize("point", ["before the first shard", "mid-shard", "between shards"])
+def test_sigkill_then_rerun_gives_exactly_the_requested_unique_samples(tmp_path, point):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "sa_sft.cli", "generate", "tiny", f"output_dir={run_dir}",
+            "generate.num_samples=64", *TINY]
+    kill_generation_at(run_dir, point, args)
+    shards = run_dir / "generate" / "shards"
     before = {p.name: p.read_bytes() for p in shards.glob("shard-*.jsonl")}
-    assert 2 <= len(before) < 8 and not (run_dir / "generate" / "manifest.json").exists()
+    assert len(before) < 8 and not (run_dir / "generate" / "manifest.json").exists()
+    # What a crash in the middle of a write leaves: a temp file, never a half-written shard.
+    shards.mkdir(parents=True, exist_ok=True)
+    (shards / ".shard-00007.jsonl.crash.tmp").write_text('{"id": "half-writ')
 
     rerun = run_cli("generate", "tiny", f"output_dir={run_dir}", "generate.num_samples=64", *TINY)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "already on disk; generating only the missing ones" in rerun.stderr
+    if before:
+        assert "already on disk; generating only the missing ones" in rerun.stderr
     # Finished shards were kept as they were, not regenerated.
     assert all((shards / name).read_bytes() == data for name, data in before.items())
     got = dialogues(run_dir)
