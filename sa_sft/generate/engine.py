@@ -64,6 +64,7 @@ def engine_kwargs(cfg, model_path: str, trust_remote_code: bool, seed: int, max_
         "max_num_seqs": cfg.max_num_seqs,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "trust_remote_code": trust_remote_code,
+        "load_format": "safetensors",  # never unpickle weights
     }
     if cfg.device == "cuda":
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization

@@ -81,7 +81,7 @@ def check_export(final_dir: Path, probe_path: Path, cfg: Config) -> float:
     probe = torch.load(probe_path, weights_only=True)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(final_dir, dtype=dtype, attn_implementation=cfg.train.attn_implementation,
-                                                 trust_remote_code=cfg.model.trust_remote_code).eval()
+                                                 trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True).eval()
     with torch.no_grad():
         logits = model(**probe["inputs"]).logits.float()
     error = (logits - probe["logits"]).abs().max().item()

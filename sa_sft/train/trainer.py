@@ -257,6 +257,7 @@ def main() -> None:
     hf_ds_config = HfDeepSpeedConfig(ds_config) if zero_stage == 3 else None  # noqa: F841 (must stay alive)
     dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                                 use_safetensors=True,
                                                  attn_implementation=tcfg.attn_implementation)
     model.config.use_cache = False
     frozen = freeze_parameters(model, tcfg)

@@ -108,3 +108,16 @@ def test_changed_config_is_refused_without_overwrite(tiny_run):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "mix.self_ratio: 1.0 -> 0.5" in last and "--overwrite" in last
+
+
+def test_resume_with_another_model_is_refused(tiny_run, tmp_path):
+    import shutil
+
+    from sa_sft.models import prepare_tiny_model
+    other = shutil.copytree(prepare_tiny_model(), tmp_path / "other-model")
+    before = (tiny_run / "train" / "manifest.json").read_text()
+    proc = sa_sft("train", "tiny", f"output_dir={tiny_run}", *EVAL_OVERRIDES, f"model.path={other}")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"{tiny_run / 'train'} was made with a different config or inputs (model: 'tiny' -> '{other}'" in last
+    assert (tiny_run / "train" / "manifest.json").read_text() == before
