@@ -8,12 +8,12 @@ from sa_sft.data.packing import collate
 from sa_sft.evaluate.suites import bootstrap_ratio_ci
 
 
-def load_model(path, dtype: torch.dtype, trust_remote_code: bool = False):
+def load_model(path, dtype: torch.dtype, trust_remote_code: bool = False, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)
-    return tokenizer, model.eval()
+    return tokenizer, model.to(device).eval()
 
 
 def pad_token_id(tokenizer) -> int:
@@ -33,6 +33,7 @@ def scored_logits(model, input_ids, attention_mask, labels) -> tuple[torch.Tenso
     The output projection over the vocabulary is applied only to those positions: for short
     answers after long prompts (multiple choice) most of a batch is prompt, and projecting it
     would be most of the work and memory."""
+    input_ids, attention_mask, labels = (t.to(model.device) for t in (input_ids, attention_mask, labels))
     targets = labels[:, 1:]
     row, col = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
     if plain_head(model):
@@ -57,7 +58,8 @@ def token_nll(model, tokenizer, conversations: list[list[dict]], max_len: int, b
         idx = order[start:start + batch_size]
         batch = collate([rows[i] for i in idx], pad_id, packed=False)
         logits, targets, row = scored_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        nll = torch.nn.functional.cross_entropy(logits, targets, reduction="none").cpu()
+        row = row.cpu()
         sums = torch.zeros(len(idx)).index_add_(0, row, nll)
         counts = torch.bincount(row, minlength=len(idx))
         for j, i in enumerate(idx):
@@ -87,7 +89,7 @@ def kl_from_base(base, final, tokenizer, conversations: list[list[dict]], max_le
         base_logits, _, row = scored_logits(base, *inputs)
         log_p = torch.log_softmax(base_logits, dim=-1)
         log_q = torch.log_softmax(scored_logits(final, *inputs)[0], dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        kl, row = (log_p.exp() * (log_p - log_q)).sum(-1).cpu(), row.cpu()
         n = batch["input_ids"].shape[0]
         sums.extend(torch.zeros(n).index_add_(0, row, kl).tolist())
         counts.extend(torch.bincount(row, minlength=n).tolist())

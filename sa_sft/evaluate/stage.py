@@ -63,9 +63,11 @@ def cached(path: Path, fingerprint: str) -> dict | None:
 
 def score_model(name: str, path: Path, cfg: Config, heldout: dict, general: list, dtype, eval_dir: Path) -> dict:
     started = time.time()
-    tokenizer, model = load_model(path, dtype, cfg.model.trust_remote_code)
+    tokenizer, model = load_model(path, dtype, cfg.model.trust_remote_code, cfg.train.device)
     scores = score_likelihood(name, model, tokenizer, cfg, heldout, [s for s in general if s.kind == "mc"])
     del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the vLLM engines below need the memory
     generated = [s for s in general if s.kind in ("gen", "code")]
     if generated:
         log.info("evaluate: %s: answering %s with vLLM", name, ", ".join(f"{s.name} ({len(s.rows)})" for s in generated))
@@ -124,8 +126,8 @@ def run_evaluate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
 
     retention = cached(eval_dir / "retention.json", stage.fingerprint)
     if retention is None and heldout["self_heldout"] and "final" in models:
-        tokenizer, base = load_model(models["base"], dtype, cfg.model.trust_remote_code)
-        _, final = load_model(models["final"], dtype, cfg.model.trust_remote_code)
+        tokenizer, base = load_model(models["base"], dtype, cfg.model.trust_remote_code, cfg.train.device)
+        _, final = load_model(models["final"], dtype, cfg.model.trust_remote_code, cfg.train.device)
         retention = {"fingerprint": stage.fingerprint,
                      **kl_from_base(base, final, tokenizer, [r["messages"] for r in heldout["self_heldout"]],
                                     cfg.evaluate.max_seq_len, max(1, cfg.evaluate.batch_size // 4))}

@@ -108,7 +108,8 @@ def score_mc(model, tokenizer, rows: list[dict], batch_size: int) -> dict:
             ids[j, width - len(e):] = torch.tensor(e)
             mask[j, width - len(e):] = 1
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
+        ids, mask, position_ids = ids.to(model.device), mask.to(model.device), position_ids.to(model.device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float().cpu()
         for j, row in enumerate(batch):
             options = logits[j, letter_ids[:len(row["choices"])]]
             correct.append(int(options.argmax()) == row["answer"])
