@@ -63,7 +63,9 @@ def test_cancelled_training_resumes_when_the_chain_is_resubmitted(slurm, tmp_pat
     assert slurm.wait(jobs["train"], timeout=120) == "CANCELLED"
     assert slurm.wait(jobs["evaluate"], timeout=60) == "CANCELLED"  # its dependency can never be met
     stopped = json.loads((run_dir / "train" / "interrupted.json").read_text())
-    assert stopped["signal"] == "SIGTERM" and 5 <= stopped["step"] < 40
+    # scancel sends SIGTERM to the ranks and to sa-sft, which relays it to srun as SIGUSR1: whichever
+    # reaches a rank first is recorded; both mean "checkpoint at the step boundary and stop".
+    assert stopped["signal"] in ("SIGTERM", "SIGUSR1") and 5 <= stopped["step"] < 40
     assert not (run_dir / "train" / "manifest.json").exists()
 
     chain = slurm.run(str(REPO / "slurm" / "submit_chain.sh"), "--nodes=2", f"--output={tmp_path}/job-%j.out",
