@@ -21,9 +21,11 @@ def main() -> None:
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sa_sft.chat import pad_token_id
     from sa_sft.config import load_config
-    from sa_sft.io import read_json
+    from sa_sft.hardware import torch_dtype
     from sa_sft.models import resolve_model
+    from sa_sft.rundir import RunDir
     from sa_sft.train.data import RankData
 
     cfg = load_config(args.config)
@@ -31,13 +33,14 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(tcfg.threads_per_rank)
-    mix = read_json(args.run_dir / "mix" / "manifest.json")
-    dataset = load_from_disk(str(args.run_dir / "mix" / mix["rank_dirs"][rank]))
+    run = RunDir(args.run_dir)
+    mix = run.manifest("mix")
+    dataset = load_from_disk(str(run.rank_data(rank)))
     path = resolve_model(cfg.model.path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = RankData(dataset, tcfg.micro_batch_size, tcfg.gradient_accumulation_steps, cfg.seed, rank,
-                    tokenizer.pad_token_id, packed=mix.get("packed", False))
-    dtype = torch.bfloat16 if tcfg.precision == "bf16" else torch.float32
+                    pad_token_id(tokenizer), packed=mix.get("packed", False))
+    dtype = torch_dtype(tcfg.precision)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=tcfg.attn_implementation)
     model.config.use_cache = False
     model = torch.nn.parallel.DistributedDataParallel(model)

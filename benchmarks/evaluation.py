@@ -15,9 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("SA_SFT_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache"))
 
-from sa_sft.chat import IGNORE_INDEX, tokenize_conversation  # noqa: E402
+from sa_sft.chat import IGNORE_INDEX, pad_token_id, tokenize_conversation  # noqa: E402
 from sa_sft.data.packing import collate  # noqa: E402
-from sa_sft.evaluate.nll import load_model, pad_token_id, token_nll  # noqa: E402
+from sa_sft.evaluate.likelihood import load_model, token_nll  # noqa: E402
 from sa_sft.evaluate.suites import load_suite  # noqa: E402
 from sa_sft.io import atomic_write_json  # noqa: E402
 from sa_sft.models import resolve_model  # noqa: E402

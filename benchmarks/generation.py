@@ -26,23 +26,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sa_sft.config import load_config  # noqa: E402
 from sa_sft.generate import strategies  # noqa: E402
 from sa_sft.io import atomic_write_json  # noqa: E402
-from sa_sft.models import cache_dir, resolve_model  # noqa: E402
+from sa_sft.models import resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "generation.json"
 
 
 def pool_run(cfg, model_path: Path, shards: int, shard_size: int, sampling: dict) -> dict:
     from sa_sft.cluster.ray_cluster import ray_session
-    from sa_sft.generate.pool import EnginePool
+    from sa_sft.engines.pool import EnginePool
 
     with ray_session(""):
         started = time.time()
-        pool = EnginePool(cfg.generate, str(model_path), False, cfg.seed, str(cache_dir()))
+        pool = EnginePool(cfg.generate, str(model_path), False, cfg.seed)
         startup = time.time() - started
         try:
             started = time.time()
-            call = lambda actor, shard: actor.generate_shard.remote(shard, cfg.seed, shard_size, sampling)
-            results = list(pool.map_shards(range(shards), call))
+            call = lambda actor, shard: actor.run_program.remote(
+                strategies.ShardProgram(cfg.seed, shard, shard_size, sampling))
+            results = list(pool.map_work(range(shards), call))
             seconds = time.time() - started
         finally:
             pool.close()

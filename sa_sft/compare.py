@@ -10,16 +10,20 @@ Methods are config presets (overrides), not code paths:
 Generation runs once (the sa_sft run's), and every run uses its held-out self-dialogues for
 the retention scores; the base model is scored once and its scores reused.
 """
-import json
 import logging
 import shutil
 from pathlib import Path
 
 from sa_sft.config import Config, load_config
-from sa_sft.evaluate.suites import item_sums, paired_bootstrap_delta
+from sa_sft.data.plan import self_samples_needed
+from sa_sft.data.task import read_task_data
 from sa_sft.errors import UserError
+from sa_sft.evaluate.stats import item_sums, paired_bootstrap_delta
 from sa_sft.io import atomic_write_json, atomic_write_text, read_json
 from sa_sft.models import resolve_model
+from sa_sft.pipeline.runner import run_stages
+from sa_sft.rundir import CompareDir, RunDir
+from sa_sft.train.freezing import num_layers
 
 log = logging.getLogger("sa_sft.compare")
 
@@ -33,7 +37,7 @@ def method_overrides(method: str, cfg: Config) -> list[str]:
     if method == "sa_sft":
         return [f"mix.self_ratio={ratio}"]
     if method == "freeze":
-        layers = json.loads((resolve_model(cfg.model.path) / "config.json").read_text())["num_hidden_layers"]
+        layers = num_layers(resolve_model(cfg.model.path))
         return ["mix.self_ratio=0", f"train.freeze_layers={layers // 2}"]
     if method == "external":
         return ["mix.self_ratio=0", f"mix.external_ratio={ratio}",
@@ -41,40 +45,51 @@ def method_overrides(method: str, cfg: Config) -> list[str]:
     raise UserError(f"compare: unknown method {method!r} (methods: {', '.join(METHODS)})")
 
 
-def run_compare(config: str, overrides: list[str], methods: list[str], overwrite: bool = False) -> dict:
-    from sa_sft.pipeline import run_stages
+def shared_generation(config: str, overrides: list[str], cfg: Config) -> list[str]:
+    """Every method reuses one generation, so its config must be the same for all: with
+    generate.num_samples=-1 the count follows mix.self_ratio, which differs between methods, so
+    it is fixed once to what the sa_sft method's mix needs."""
+    if cfg.generate.num_samples >= 0 or cfg.generate.strategy == "rewrite":
+        return []
+    sa_sft = load_config(config, [*overrides, *method_overrides("sa_sft", cfg)])
+    task_rows = len(read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes).rows)
+    return [f"generate.num_samples={self_samples_needed(sa_sft, task_rows)}"]
 
+
+def run_compare(config: str, overrides: list[str], methods: list[str], overwrite: bool = False) -> dict:
     cfg = load_config(config, overrides)
-    root = Path(cfg.output_dir)
+    out = CompareDir(cfg.output_dir)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"compare: unknown method(s) {', '.join(unknown)} (methods: {', '.join(METHODS)})")
     # sa_sft first: its generation is the one every other run reuses.
     order = sorted(methods, key=lambda m: m != "sa_sft")
-    configs = {m: load_config(config, [*overrides, *method_overrides(m, cfg), f"output_dir={root / m}"])
+    shared = shared_generation(config, overrides, cfg)
+    configs = {m: load_config(config, [*overrides, *shared, *method_overrides(m, cfg), f"output_dir={out.method(m).root}"])
                for m in order}
+    first = out.method(order[0])
     for m in order:
-        run_dir = root / m
-        if m != order[0] and not (run_dir / "generate").exists() and (root / order[0] / "generate" / "manifest.json").exists():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(root / order[0] / "generate", run_dir / "generate")
-        for name in ("base.json", "base-generations.jsonl"):
-            shared = root / order[0] / "eval" / name
-            if m != order[0] and not (run_dir / "eval" / name).exists() and shared.exists():
-                (run_dir / "eval").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(shared, run_dir / "eval" / name)
+        run = out.method(m)
+        if m != order[0] and not run.stage_dir("generate").exists() and first.finished("generate"):
+            run.create()
+            shutil.copytree(first.stage_dir("generate"), run.stage_dir("generate"))
+        for path in (run.scores("base"), run.generations("base")):
+            shared_file = first.root / run.relative(path)
+            if m != order[0] and not path.exists() and shared_file.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(shared_file, path)
         stages = ["generate", "mix", "evaluate"] if m == "base" else ["generate", "mix", "train", "evaluate"]
         log.info("compare: == %s == (%s)", m, " ".join(method_overrides(m, cfg)))
         run_stages(configs[m], stages, overwrite)
-    return write_comparison([root / m for m in methods], root)
+    return write_comparison([out.method(m) for m in methods], out)
 
 
-def method_row(run_dir: Path) -> dict:
-    report = read_json(run_dir / "report.json")
+def method_row(run: RunDir) -> dict:
+    report = read_json(run.report_json)
     evals = report.get("eval", {})
     trained = "train" in report
     side = "final" if trained else "base"
-    row = {"method": run_dir.name, "run_dir": str(run_dir), "scores": {}}
+    row = {"method": run.root.name, "run_dir": str(run.root), "scores": {}}
     for suite, r in evals.items():
         if side in r:
             row["scores"][suite] = {"metric": r["metric"], "value": r[side], "ci95": r.get("ci95", {}).get(side),
@@ -86,16 +101,16 @@ def method_row(run_dir: Path) -> dict:
     return row
 
 
-def scored_items(run_dir: Path, model: str) -> dict:
-    path = run_dir / "eval" / f"{model}.json"
+def scored_items(run: RunDir, model: str) -> dict:
+    path = run.scores(model)
     return read_json(path)["suites"] if path.exists() else {}
 
 
-def paired_changes(run_dirs: list[Path]) -> dict:
+def paired_changes(runs: list[RunDir]) -> dict:
     """Per trained method and suite, final minus base on the same items (paired bootstrap), and
     sa_sft minus task_only where both ran: the question `sa-sft compare` exists to answer."""
-    finals = {d.name: scored_items(d, "final") for d in run_dirs if (d / "train" / "manifest.json").exists()}
-    base = next((scored_items(d, "base") for d in run_dirs if scored_items(d, "base")), {})
+    finals = {run.root.name: scored_items(run, "final") for run in runs if run.finished("train")}
+    base = next((scored_items(run, "base") for run in runs if scored_items(run, "base")), {})
     changes = {"vs_base": {}, "sa_sft_vs_task_only": {}}
     for method, suites in finals.items():
         for suite, result in suites.items():
@@ -111,22 +126,23 @@ def paired_changes(run_dirs: list[Path]) -> dict:
     return changes
 
 
-def write_comparison(run_dirs: list[Path], out_dir: Path) -> dict:
+def write_comparison(runs: list[RunDir], out: CompareDir) -> dict:
     from sa_sft.plots import write_compare_plots
 
-    missing = [str(d) for d in run_dirs if not (Path(d) / "report.json").exists()]
+    missing = [str(run.root) for run in runs if not run.report_json.exists()]
     if missing:
-        raise UserError(f"compare: no report.json in {', '.join(missing)}; run those first")
-    rows = [method_row(Path(d)) for d in run_dirs]
-    comparison = {"methods": rows, "paired": paired_changes([Path(d) for d in run_dirs]),
-                  "plots": write_compare_plots(out_dir, rows, run_dirs)}
-    atomic_write_json(out_dir / "compare.json", comparison)
-    atomic_write_text(out_dir / "compare.md", render_comparison(rows, comparison["paired"]))
-    log.info("compare: %s", out_dir / "compare.md")
+        raise UserError(f"compare: no {runs[0].report_json.name} in {', '.join(missing)}; run those first")
+    rows = [method_row(run) for run in runs]
+    plots = write_compare_plots(out, rows, runs)
+    comparison = {"methods": rows, "paired": paired_changes(runs),
+                  "plots": [str(path.relative_to(out.root)) for path in plots]}
+    atomic_write_json(out.json, comparison)
+    atomic_write_text(out.markdown, render_comparison(rows, comparison["paired"], plots, out))
+    log.info("compare: %s", out.markdown)
     return comparison
 
 
-def render_comparison(rows: list[dict], paired: dict) -> str:
+def render_comparison(rows: list[dict], paired: dict, plots: list[Path], out: CompareDir) -> str:
     suites = sorted({s for r in rows for s in r["scores"]})
     header = "| method | " + " | ".join(
         f"{s} ({'acc' if rows[0]['scores'].get(s, {}).get('metric') == 'accuracy' else 'NLL'})" for s in suites
@@ -161,13 +177,13 @@ def render_comparison(rows: list[dict], paired: dict) -> str:
             verdict = ("no measurable difference" if c["ci95"][0] <= 0 <= c["ci95"][1]
                        else f"favours {favours}")
             lines.append(f"- {suite}: {fmt(c)} (n={c['n']}): {verdict}")
-    lines += ["", "Plots: `plots/compare_scores.png`, `plots/compare_drift.png`, `plots/compare_loss.png`."]
+    lines += ["", "Plots: " + ", ".join(f"`{path.relative_to(out.root)}`" for path in plots) + "."]
     return "\n".join(lines) + "\n"
 
 
 def comparison_from_dirs(run_dirs: list[Path]) -> dict:
     """`sa-sft report DIR DIR ...`: the comparison from run directories alone, written next to them."""
     parents = {Path(d).resolve().parent for d in run_dirs}
-    out_dir = parents.pop() if len(parents) == 1 else Path(".")
-    return write_comparison([Path(d) for d in run_dirs], out_dir)
+    out = CompareDir(parents.pop() if len(parents) == 1 else Path("."))
+    return write_comparison([RunDir(d) for d in run_dirs], out)
 

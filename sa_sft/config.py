@@ -15,9 +15,15 @@ from typing import Any, Literal
 import yaml
 
 from sa_sft.errors import UserError
-from sa_sft.generate.filters import DEFAULT_REFUSALS
 
 BUILTIN_CONFIG_DIR = Path(__file__).parent / "configs"
+
+# Answers a chat model writes when it refuses; a self-dialogue ending in one teaches refusing.
+DEFAULT_REFUSALS = (
+    r"\bas an ai\b",
+    r"\bi(?:'m| am) (?:sorry|unable|not able)\b.{0,40}\b(?:can(?:no|')t|unable|not able)\b",
+    r"\bi can(?:no|')t (?:help|assist|provide|do) (?:with )?that\b",
+)
 
 
 def opt(default, *, min=None, max=None, results=True, help=""):
@@ -68,9 +74,9 @@ class GenerateConfig:
     near_dup_threshold: float = opt(0.8, min=0.0, max=1.0, help="Jaccard similarity of word 5-grams counted as a near duplicate (1: exact only)")
     contamination_paths: list[str] = opt([], help="JSONL evaluation sets; dialogues sharing a word n-gram with them are rejected")
     contamination_ngram: int = opt(8, min=3, help="n of the contamination n-gram check")
-    engines: int = opt(1, min=1, results=False, help="data-parallel vLLM engines (Ray actors)")
-    tensor_parallel_size: int = opt(1, min=1, results=False, help="devices per engine")
-    device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="where engines run")
+    engines: int = opt(1, min=1, results=False, help="data-parallel vLLM engines (Ray actors); evaluation's generation suites use them too")
+    tensor_parallel_size: int = opt(1, min=1, results=False, help="devices per engine (generation and evaluation)")
+    device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="where engines run (generation and evaluation's generation suites)")
     cpus_per_engine: int = opt(0, min=0, results=False, help="CPU cores per engine (0: split the machine's cores evenly)")
     kv_cache_gib: float = opt(2.0, min=0.1, results=False, help="CPU KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = opt(0.85, min=0.05, max=1.0, results=False, help="GPU memory share per engine")
@@ -93,9 +99,9 @@ class TrainConfig:
     launcher: Literal["torchrun", "deepspeed", "srun", "ray"] = opt(
         "torchrun", results=False,
         help="torchrun/deepspeed: ranks on this node; srun: ranks over the Slurm allocation; ray: ranks as Ray actors")
-    device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="accelerator (cpu uses DeepSpeed's CPU accelerator and gloo)")
+    device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="accelerator (cpu uses DeepSpeed's CPU accelerator and gloo); evaluation scores likelihoods there too")
     deepspeed_config: str = opt("zero3", help="preset in ds_configs/ (zero3, zero2, zero3_offload) or a JSON path")
-    precision: Literal["auto", "bf16", "fp32"] = opt("auto", help="training precision (auto: bf16 on GPUs and CPUs with fast bf16, else fp32)")
+    precision: Literal["auto", "bf16", "fp32"] = opt("auto", help="training precision, also evaluation's likelihood scoring (auto: bf16 on GPUs and CPUs with fast bf16, else fp32)")
     micro_batch_size: int = opt(4, min=1, help="samples per rank per forward pass")
     gradient_accumulation_steps: int = opt(1, min=1, help="micro-batches per optimizer step")
     learning_rate: float = opt(1e-5, min=0.0, help="peak learning rate (AdamW)")
@@ -117,10 +123,10 @@ class TrainConfig:
     freeze_params: list[str] = opt([], help="regexes of parameter names to freeze")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", help="attention kernel")
     peak_tflops: float = opt(0.0, min=0.0, results=False, help="per-device peak for MFU (0: measure a matmul at start)")
-    tensorboard: bool = opt(True, results=False, help="also log metrics to train/tensorboard")
+    tensorboard: bool = opt(True, results=False, help="also log the training metrics for TensorBoard (in the train stage's folder)")
     checkpoint_every: int = opt(0, min=0, results=False, help="DeepSpeed checkpoint every N steps (0: only at the end)")
     keep_last: int = opt(2, min=1, results=False, help="checkpoints kept")
-    log_every: int = opt(1, min=1, results=False, help="steps per line in train/metrics.jsonl")
+    log_every: int = opt(1, min=1, results=False, help="steps per line of the training metrics (JSONL)")
     threads_per_rank: int = opt(1, min=1, results=False, help="torch threads per rank on CPU")
     master_port: int = opt(0, min=0, max=65535, results=False, help="rendezvous port (0: a free one)")
 

@@ -7,6 +7,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+class StorageError(UserError):
+    """The disk refused a write (full, read-only, forbidden); every file written before is intact
+    and a rerun resumes (exit 74, EX_IOERR)."""
+
+    exit_code = 74
+
+
 class Interrupted(UserError):
     """Stopped by a signal with the work saved; rerunning the same command resumes (exit 75, EX_TEMPFAIL)."""
 

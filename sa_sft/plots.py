@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from sa_sft.io import read_jsonl
+from sa_sft.rundir import CompareDir, RunDir
 
 
 def _pyplot():
@@ -11,17 +12,16 @@ def _pyplot():
     return plt
 
 
-def write_run_plots(run_dir: Path, report: dict) -> list[str]:
+def write_run_plots(run: RunDir, report: dict) -> list[Path]:
     written = []
-    plots = run_dir / "plots"
-    metrics = read_jsonl(run_dir / "train" / "metrics.jsonl") if (run_dir / "train" / "metrics.jsonl").exists() else []
+    metrics = read_jsonl(run.metrics) if run.metrics.exists() else []
     if metrics:
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], marker=".")
         ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
         ax.grid(alpha=0.3)
-        written.append(_save(fig, plots / "loss.png", plt))
+        written.append(_save(fig, run.plot("loss"), plt))
     if report.get("drift"):
         plt = _pyplot()
         groups = report["drift"]["per_group"]
@@ -31,21 +31,21 @@ def write_run_plots(run_dir: Path, report: dict) -> list[str]:
         ax.set(xlabel="transformer layer", ylabel="||W - W_base|| / ||W_base||",
                title=f"Weight drift per layer (total {report['drift']['relative']:.3g})")
         ax.grid(alpha=0.3, axis="y")
-        written.append(_save(fig, plots / "drift.png", plt))
+        written.append(_save(fig, run.plot("drift"), plt))
     return written
 
 
-def _save(fig, path: Path, plt) -> str:
+def _save(fig, path: Path, plt) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.tight_layout()
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
-    return str(path.relative_to(path.parent.parent))  # plots/NAME.png, relative to the report
+    return path
 
 
-def write_compare_plots(out_dir: Path, rows: list[dict], run_dirs: list[Path]) -> list[str]:
+def write_compare_plots(out: CompareDir, rows: list[dict], runs: list[RunDir]) -> list[Path]:
     """Scores per method with their intervals, drift per layer and loss curves, one figure each."""
     plt = _pyplot()
     written = []
@@ -66,7 +66,7 @@ def write_compare_plots(out_dir: Path, rows: list[dict], run_dirs: list[Path]) -
             ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
             ax.set_title(f"{suite} ({'accuracy' if metric == 'accuracy' else 'mean NLL'})", fontsize=9)
             ax.grid(alpha=0.3, axis="y")
-        written.append(_save(fig, out_dir / "plots" / "compare_scores.png", plt))
+        written.append(_save(fig, out.plot("compare_scores"), plt))
     drifted = [r for r in rows if r["drift_per_group"]]
     if drifted:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -76,20 +76,19 @@ def write_compare_plots(out_dir: Path, rows: list[dict], run_dirs: list[Path]) -
         ax.set(xlabel="transformer layer", ylabel="||W - W_base|| / ||W_base||", title="Weight drift per layer")
         ax.legend()
         ax.grid(alpha=0.3)
-        written.append(_save(fig, out_dir / "plots" / "compare_drift.png", plt))
+        written.append(_save(fig, out.plot("compare_drift"), plt))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     plotted = False
-    for run_dir in run_dirs:
-        path = Path(run_dir) / "train" / "metrics.jsonl"
-        if path.exists():
-            metrics = read_jsonl(path)
-            ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=Path(run_dir).name)
+    for run in runs:
+        if run.metrics.exists():
+            metrics = read_jsonl(run.metrics)
+            ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label=run.root.name)
             plotted = True
     if plotted:
         ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
         ax.legend()
         ax.grid(alpha=0.3)
-        written.append(_save(fig, out_dir / "plots" / "compare_loss.png", plt))
+        written.append(_save(fig, out.plot("compare_loss"), plt))
     else:
         plt.close(fig)
     return written

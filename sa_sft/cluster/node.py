@@ -15,8 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sa_sft.cluster.slurm import JobPorts
-from sa_sft.stage import versions
+from sa_sft import signals
+from sa_sft.cluster.ports import JobPorts, port_in_use
+from sa_sft.hardware import node_name, versions
+from sa_sft.rundir import RunDir
 
 # Command-line fragments of what a Ray node leaves behind if it does not stop cleanly.
 RAY_PROCESS_MARKERS = ("raylet", "gcs_server", "ray::", "default_worker.py", "ray/dashboard", "log_monitor.py",
@@ -24,24 +26,14 @@ RAY_PROCESS_MARKERS = ("raylet", "gcs_server", "ray::", "default_worker.py", "ra
 
 
 def node_index(nodes: list[str]) -> int:
-    name = os.environ.get("SLURMD_NODENAME", socket.gethostname())
+    name = node_name()
     return nodes.index(name) if name in nodes else int(os.environ.get("SLURM_NODEID", "0"))
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return True
-    return False
 
 
 def probe(args) -> None:
     nodes = args.nodes.split(",")
     index = node_index(nodes)
-    token_file = Path(args.run_dir) / ".slurm_probe"
+    token_file = RunDir(args.run_dir).slurm_probe
     try:
         visible = token_file.read_text().strip() == args.token
     except OSError:
@@ -81,8 +73,7 @@ def raylet(args) -> int:
     print(f"[{nodes[index]}] {' '.join(cmd)}", flush=True)
     proc = subprocess.Popen(cmd)
     # srun forwards SIGTERM/SIGINT here; `ray start --block` drains and stops the node's processes on SIGTERM.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: proc.send_signal(signal.SIGTERM))
+    signals.install(lambda signum, _frame: proc.send_signal(signal.SIGTERM), (signal.SIGTERM, signal.SIGINT))
     code = proc.wait()
     shutil.rmtree(temp_dir, ignore_errors=True)
     return 0 if code in (0, -signal.SIGTERM) else code

@@ -11,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from sa_sft.cluster.slurm import Allocation, job_ports, srun_command
+from sa_sft.cluster.ports import job_ports
+from sa_sft.cluster.slurm import Allocation, srun_command
+from sa_sft.config import ClusterConfig
 from sa_sft.errors import UserError
+from sa_sft.rundir import RunDir
 
 log = logging.getLogger("sa_sft.cluster")
 
@@ -21,7 +24,7 @@ _owned_instance = False
 
 
 @contextlib.contextmanager
-def ray_session(address: str, temp_dir: str | None = None):
+def ray_session(address: str):
     """Join `address` (else $RAY_ADDRESS, which `ray job submit` sets), or start a local Ray for the
     duration and stop it after. Yields True when the instance is this process's own, so the caller
     may pin engines to cores; on a shared cluster it may not."""
@@ -40,7 +43,7 @@ def ray_session(address: str, temp_dir: str | None = None):
                             f"{str(err).splitlines()[0]}") from None
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 1024**2,
-                 _temp_dir=temp_dir, log_to_driver=True,
+                 log_to_driver=True,
                  runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "1"}})
     _owned_instance = not address
     try:
@@ -106,7 +109,7 @@ def check_nodes_free(alloc: Allocation, deadline: float) -> None:
 
 
 @contextlib.contextmanager
-def ray_on_slurm(alloc: Allocation, ccfg, log_dir: Path):
+def ray_on_slurm(alloc: Allocation, ccfg: ClusterConfig, run: RunDir):
     """A Ray cluster over the allocation for the duration: the head on the first node, a worker on every
     other (each an `srun --overlap` step running `ray start --block`), joined before this yields and
     stopped, with every node checked free, after."""
@@ -118,11 +121,11 @@ def ray_on_slurm(alloc: Allocation, ccfg, log_dir: Path):
     import ray
 
     ports = job_ports(alloc.job_id, ccfg.port_base)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    run.logs_dir.mkdir(parents=True, exist_ok=True)
     procs: dict[str, tuple[subprocess.Popen, Path]] = {}
 
     def start(name: str, nodes: list[str]) -> None:
-        log_path = log_dir / f"ray-{name}-job{alloc.job_id}.log"
+        log_path = run.ray_log(name, alloc.job_id)
         cmd = srun_command(nodes, extra=("--label",)) + [
             sys.executable, "-m", "sa_sft.cluster.node", "raylet", "--nodes", ",".join(alloc.nodes),
             "--addresses", json.dumps(alloc.addresses), "--port-base", str(ports.base),
@@ -142,7 +145,7 @@ def ray_on_slurm(alloc: Allocation, ccfg, log_dir: Path):
         ray.init(address=address, log_to_driver=True)
         wait_for_nodes(len(alloc.nodes), deadline, procs)
         log.info("ray: %d node(s) joined at %s in %.0f s (%s); logs in %s", len(alloc.nodes), address,
-                 time.time() - started, ", ".join(alloc.nodes), log_dir)
+                 time.time() - started, ", ".join(alloc.nodes), run.logs_dir)
         yield address
     except BaseException:
         failed = True

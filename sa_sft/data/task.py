@@ -26,7 +26,7 @@ class TaskData:
 def resolve_task_path(spec: str, key: str = "data.task_path") -> Path:
     if spec.startswith("builtin:"):
         name = spec.removeprefix("builtin:")
-        from sa_sft.prepared_data import SOURCES, prepared_path
+        from sa_sft.data.prepared import SOURCES, prepared_path
         if name in SOURCES:
             return prepared_path(name)  # taken from a PyPI package at setup
         path = BUILTIN_DIR / f"{name}.jsonl"

@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from sa_sft.chat import render
 from sa_sft.config import Config
-from sa_sft.evaluate.suites import CODE_STOP, Suite, accuracy, check, extract_number, gen_prompt_messages
+from sa_sft.evaluate.stats import accuracy
+from sa_sft.evaluate.suites import CODE_STOP, Suite, check, extract_number, gen_prompt_messages
 
 log = logging.getLogger("sa_sft.evaluate")
 
@@ -52,10 +53,10 @@ def prompt_text(tokenizer, suite: Suite, row: dict) -> str:
 
 
 def complete_all(cfg: Config, model_path: Path, tokenizer, suites: list[Suite]) -> dict[str, list[str]]:
-    """Greedy completions for every row of every suite, through one pool of vLLM engines."""
+    """Greedy completions for every row of every suite, through one pool of vLLM engines
+    (`generate.engines`, `generate.device`: the same engines as generation)."""
     from sa_sft.cluster.ray_cluster import ray_session
-    from sa_sft.generate.pool import EnginePool
-    from sa_sft.models import cache_dir
+    from sa_sft.engines.pool import EnginePool
 
     chunks = []  # (suite name, first row, prompts, stop)
     for suite in suites:
@@ -67,11 +68,11 @@ def complete_all(cfg: Config, model_path: Path, tokenizer, suites: list[Suite]) 
     bar = tqdm(total=sum(len(s.rows) for s in suites), unit="answer", desc=f"evaluate {model_path.name}",
                dynamic_ncols=True)
     with ray_session(cfg.cluster.ray_address) as own_machine:
-        pool = EnginePool(cfg.generate, str(model_path), cfg.model.trust_remote_code, cfg.seed, str(cache_dir()),
+        pool = EnginePool(cfg.generate, str(model_path), cfg.model.trust_remote_code, cfg.seed,
                           own_machine=own_machine, max_model_len=cfg.evaluate.max_seq_len + max_tokens)
         try:
             call = lambda actor, k: actor.complete.remote(chunks[k][2], max_tokens, chunks[k][3], tag=k)
-            for result in pool.map_shards(range(len(chunks)), call):
+            for result in pool.map_work(range(len(chunks)), call):
                 name, first, prompts, _ = chunks[result["tag"]]
                 texts[name][first:first + len(prompts)] = result["texts"]
                 bar.update(len(prompts))

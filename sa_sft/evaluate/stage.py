@@ -22,37 +22,32 @@ from pathlib import Path
 import torch
 
 from sa_sft.config import Config, section_for_results
-from sa_sft.evaluate.nll import kl_from_base, load_model, token_nll
 from sa_sft.evaluate.generation import complete_all, score_generated, task_suite
-from sa_sft.evaluate.suites import load_suite, score_mc, score_mc_text
-from sa_sft.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, sha256_file, sha256_json
+from sa_sft.evaluate.likelihood import kl_from_base, load_model, score_mc, score_mc_text, token_nll
+from sa_sft.evaluate.suites import load_suite
+from sa_sft.hardware import torch_dtype
+from sa_sft.io import atomic_write_json, atomic_write_jsonl, read_json, sha256_file, sha256_json
 from sa_sft.models import model_identity, resolve_model
-from sa_sft.stage import open_stage, upstream_fingerprint
+from sa_sft.rundir import HELDOUT_SETS, RunDir, Stage
 
 log = logging.getLogger("sa_sft.evaluate")
 
 SUITES = ("task_heldout", "self_heldout")
 
 
-def trained(run_dir: Path) -> bool:
-    return (run_dir / "train" / "manifest.json").exists()
-
-
-def evaluate_inputs(cfg: Config, run_dir: Path) -> dict:
-    return {"mix": upstream_fingerprint(run_dir, "mix"),
-            "train": upstream_fingerprint(run_dir, "train") if trained(run_dir) else None,
+def inputs(cfg: Config, run: RunDir) -> dict:
+    return {"mix": run.fingerprint("mix"),
+            "train": run.fingerprint("train") if run.finished("train") else None,
             "model": cfg.model.path, "evaluate": section_for_results(cfg.evaluate),
             "precision": cfg.train.precision}
 
 
-def base_fingerprint(cfg: Config, run_dir: Path) -> str:
+def base_fingerprint(cfg: Config, run: RunDir) -> str:
     """The base model's scores depend only on the model, the suites and the held-out data, so runs
     that share those (the methods of `sa-sft compare`) can share eval/base.json."""
-    heldout = run_dir / "mix" / "heldout"
     return sha256_json({"model": model_identity(resolve_model(cfg.model.path)),
                         "evaluate": section_for_results(cfg.evaluate), "precision": cfg.train.precision,
-                        "heldout": [sha256_file(heldout / f"{s}.jsonl") for s in ("task", "self")
-                                    if (heldout / f"{s}.jsonl").exists()]})
+                        "heldout": [sha256_file(run.heldout(s)) for s in HELDOUT_SETS if run.heldout(s).exists()]})
 
 
 def cached(path: Path, fingerprint: str) -> dict | None:
@@ -61,7 +56,7 @@ def cached(path: Path, fingerprint: str) -> dict | None:
     return None
 
 
-def score_model(name: str, path: Path, cfg: Config, heldout: dict, general: list, dtype, eval_dir: Path) -> dict:
+def score_model(name: str, path: Path, cfg: Config, heldout: dict, general: list, dtype, run: RunDir) -> dict:
     started = time.time()
     tokenizer, model = load_model(path, dtype, cfg.model.trust_remote_code, cfg.train.device)
     scores = score_likelihood(name, model, tokenizer, cfg, heldout, [s for s in general if s.kind == "mc"])
@@ -78,7 +73,7 @@ def score_model(name: str, path: Path, cfg: Config, heldout: dict, general: list
             records += suite_records
             log.info("evaluate: %s on %s: accuracy %.3f %s (n=%d)", name, suite.name, scores[suite.name]["value"],
                      scores[suite.name]["ci95"], scores[suite.name]["n"])
-        atomic_write_jsonl(eval_dir / f"{name}-generations.jsonl", records)
+        atomic_write_jsonl(run.generations(name), records)
     return {"model": name, "path": str(path), "seconds": round(time.time() - started, 2), "suites": scores}
 
 
@@ -99,32 +94,27 @@ def score_likelihood(name: str, model, tokenizer, cfg: Config, heldout: dict, ge
     return scores
 
 
-def run_evaluate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
-    stage = open_stage(run_dir, "evaluate", evaluate_inputs(cfg, run_dir), overwrite)
-    if stage is None:
-        return read_json(run_dir / "evaluate" / "manifest.json")
+def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     torch.set_num_threads(cfg.evaluate.threads or os.cpu_count() or 1)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    heldout = {"task_heldout": read_jsonl(run_dir / "mix" / "heldout" / "task.jsonl"),
-               "self_heldout": read_jsonl(run_dir / "mix" / "heldout" / "self.jsonl")}
+    dtype = torch_dtype(cfg.train.precision)
+    heldout = {"task_heldout": run.heldout_rows("task"), "self_heldout": run.heldout_rows("self")}
     general = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
     in_domain = task_suite(cfg, heldout["task_heldout"])
     general = ([in_domain] if in_domain else []) + general
     models = {"base": resolve_model(cfg.model.path)}
-    if trained(run_dir):
-        models["final"] = run_dir / "train" / "final"
-    fingerprints = {"base": base_fingerprint(cfg, run_dir), "final": stage.fingerprint}
-    eval_dir = run_dir / "eval"
+    if run.finished("train"):
+        models["final"] = run.final
+    fingerprints = {"base": base_fingerprint(cfg, run), "final": stage.fingerprint}
     results = {}
     for name, path in models.items():
-        out = eval_dir / f"{name}.json"
+        out = run.scores(name)
         results[name] = cached(out, fingerprints[name])
         if results[name] is None:
-            results[name] = {**score_model(name, path, cfg, heldout, general, dtype, eval_dir),
+            results[name] = {**score_model(name, path, cfg, heldout, general, dtype, run),
                              "fingerprint": fingerprints[name]}
             atomic_write_json(out, results[name])
 
-    retention = cached(eval_dir / "retention.json", stage.fingerprint)
+    retention = cached(run.retention, stage.fingerprint)
     if retention is None and heldout["self_heldout"] and "final" in models:
         tokenizer, base = load_model(models["base"], dtype, cfg.model.trust_remote_code, cfg.train.device)
         _, final = load_model(models["final"], dtype, cfg.model.trust_remote_code, cfg.train.device)
@@ -132,16 +122,16 @@ def run_evaluate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                      **kl_from_base(base, final, tokenizer, [r["messages"] for r in heldout["self_heldout"]],
                                     cfg.evaluate.max_seq_len, max(1, cfg.evaluate.batch_size // 4))}
         del base, final
-        atomic_write_json(eval_dir / "retention.json", retention)
+        atomic_write_json(run.retention, retention)
         log.info("evaluate: KL(base || final) on the base model's own answers: %.5f %s per token",
                  retention["mean_kl"], retention["ci95"])
     drift = None
     if cfg.evaluate.drift and "final" in models:
         from sa_sft.evaluate.drift import weight_drift
-        drift = cached(eval_dir / "drift.json", stage.fingerprint)
+        drift = cached(run.drift, stage.fingerprint)
         if drift is None:
             drift = {"fingerprint": stage.fingerprint, **weight_drift(models["base"], models["final"])}
-            atomic_write_json(eval_dir / "drift.json", drift)
+            atomic_write_json(run.drift, drift)
         log.info("evaluate: weights moved %.3g of their norm (L2 %.4g)", drift["relative"], drift["l2"])
 
     summary = {suite: {name: results[name]["suites"][suite]["mean_nll"] for name in results
@@ -150,9 +140,8 @@ def run_evaluate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
     style_gap = (round(base_nll["task_heldout"]["mean_nll"] - base_nll["self_heldout"]["mean_nll"], 5)
                  if "task_heldout" in base_nll and "self_heldout" in base_nll else None)
     accuracy = {s.name: {name: results[name]["suites"][s.name]["value"] for name in results} for s in general}
-    files = [f"eval/{name}.json" for name in results] + (["eval/retention.json"] if retention else []) + [
-        f"eval/{name}-generations.jsonl" for name in results if (eval_dir / f"{name}-generations.jsonl").exists()] + (
-        ["eval/drift.json"] if drift else [])
-    return stage.finish(mean_nll=summary, accuracy=accuracy, style_gap=style_gap,
-                        kl_base_final=retention["mean_kl"] if retention else None,
-                        drift_relative=drift["relative"] if drift else None, files=files)
+    files = [run.scores(name) for name in results] + ([run.retention] if retention else []) + [
+        run.generations(name) for name in results if run.generations(name).exists()] + ([run.drift] if drift else [])
+    return dict(mean_nll=summary, accuracy=accuracy, style_gap=style_gap,
+                kl_base_final=retention["mean_kl"] if retention else None,
+                drift_relative=drift["relative"] if drift else None, files=[run.relative(f) for f in files])

@@ -1,17 +1,22 @@
 """Filters over generated dialogues. Per-dialogue checks are pure functions returning a
 rejection reason or None; duplicate and contamination checks keep state across shards."""
+import functools
 import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from sa_sft.config import GenerateConfig
+
 # Role headers a model leaks when it writes the other side's turn ("User: ...", "<|im_start|>assistant").
 WRONG_ROLE = re.compile(r"<\|im_(start|end)\|>|(^|\n)\s*(user|assistant|human|ai|system)\s*:", re.IGNORECASE)
-DEFAULT_REFUSALS = (
-    r"\bas an ai\b",
-    r"\bi(?:'m| am) (?:sorry|unable|not able)\b.{0,40}\b(?:can(?:no|')t|unable|not able)\b",
-    r"\bi can(?:no|')t (?:help|assist|provide|do) (?:with )?that\b",
-)
+# Word n-grams a turn may repeat before it counts as a loop (with generate.max_repeated_ngram_fraction).
+REPEATED_NGRAM_SIZE = 4
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_refusals(patterns: tuple[str, ...]) -> list[re.Pattern]:
+    return [re.compile(p, re.IGNORECASE) for p in patterns]
 
 
 def normalize(text: str) -> str:
@@ -32,37 +37,19 @@ def repeated_ngram_fraction(text: str, n: int) -> float:
     return 1 - len(set(grams)) / len(grams)
 
 
-@dataclass
-class FilterSettings:
-    min_turn_chars: int = 8
-    drop_truncated: bool = True
-    keep_truncated_answers: bool = True
-    filter_wrong_role: bool = True
-    max_repeated_ngram_fraction: float = 0.5
-    repeated_ngram_size: int = 4
-    refusal_patterns: tuple = DEFAULT_REFUSALS
-
-    @classmethod
-    def from_config(cls, gcfg) -> "FilterSettings":
-        return cls(min_turn_chars=gcfg.min_turn_chars, drop_truncated=gcfg.drop_truncated,
-                   keep_truncated_answers=gcfg.keep_truncated_answers, filter_wrong_role=gcfg.filter_wrong_role,
-                   max_repeated_ngram_fraction=gcfg.max_repeated_ngram_fraction,
-                   refusal_patterns=tuple(gcfg.refusal_patterns))
-
-
-def rejection_reason(dialogue: dict, settings: FilterSettings) -> str | None:
+def rejection_reason(dialogue: dict, gcfg: GenerateConfig) -> str | None:
     """Why one dialogue is unusable on its own, or None."""
     last = len(dialogue["messages"]) - 1
-    refusals = [re.compile(p, re.IGNORECASE) for p in settings.refusal_patterns]
+    refusals = compiled_refusals(tuple(gcfg.refusal_patterns))
     for i, (message, finish) in enumerate(zip(dialogue["messages"], dialogue["finish_reasons"])):
         role, text = message["role"], message["content"]
-        if len(text.strip()) < max(1, settings.min_turn_chars):
+        if len(text.strip()) < max(1, gcfg.min_turn_chars):
             return f"short_{role}"
-        if finish == "length" and settings.drop_truncated and not (settings.keep_truncated_answers and i == last):
+        if finish == "length" and gcfg.drop_truncated and not (gcfg.keep_truncated_answers and i == last):
             return f"truncated_{role}"
-        if settings.filter_wrong_role and WRONG_ROLE.search(text):
+        if gcfg.filter_wrong_role and WRONG_ROLE.search(text):
             return f"wrong_role_{role}"
-        if repeated_ngram_fraction(text, settings.repeated_ngram_size) > settings.max_repeated_ngram_fraction:
+        if repeated_ngram_fraction(text, REPEATED_NGRAM_SIZE) > gcfg.max_repeated_ngram_fraction:
             return f"degenerate_{role}"
         if role == "assistant" and any(p.search(text) for p in refusals):
             return "refusal"

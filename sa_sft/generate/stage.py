@@ -13,40 +13,45 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from sa_sft.config import Config, section_for_results
+from sa_sft.config import Config, GenerateConfig, section_for_results
+from sa_sft.data.plan import self_samples_needed
+from sa_sft.data.task import TaskData, read_task_data
 from sa_sft.errors import UserError
-from sa_sft.generate.filters import (ContaminationIndex, DuplicateIndex, FilterSettings, mark_truncated,
-                                     rejection_reason)
-from sa_sft.data.task import read_task_data
-from sa_sft.io import atomic_write_jsonl, read_json, read_jsonl, sha256_file
-from sa_sft.models import cache_dir, model_identity, resolve_model
-from sa_sft.stage import open_stage
+from sa_sft.generate.filters import ContaminationIndex, DuplicateIndex, mark_truncated, rejection_reason
+from sa_sft.io import atomic_write_jsonl, read_jsonl, sha256_file
+from sa_sft.models import model_identity, resolve_model
+from sa_sft.rundir import RunDir, Stage
 
 log = logging.getLogger("sa_sft.generate")
 
 MIN_YIELD = 0.05
 
 
-def shard_path(stage_dir: Path, shard: int) -> Path:
-    return stage_dir / "shards" / f"shard-{shard:05d}.jsonl"
+def task_data_for(cfg: Config) -> TaskData | None:
+    """The task set, when generation depends on it: rewrites, or a sample count derived from it."""
+    if cfg.generate.strategy == "rewrite" or cfg.generate.num_samples < 0:
+        return read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes)
+    return None
 
 
-def generate_inputs(cfg: Config, model_path: Path, task_data) -> dict:
-    inputs = {"model": model_identity(model_path), "seed": cfg.seed, "generate": section_for_results(cfg.generate)}
+def inputs(cfg: Config, run: RunDir) -> dict:
+    inputs = {"model": model_identity(resolve_model(cfg.model.path)), "seed": cfg.seed,
+              "generate": section_for_results(cfg.generate)}
+    task_data = task_data_for(cfg)
     if task_data is not None:  # the sample count or the rewrites come from the task set
         inputs.update(task_sha256=sha256_file(task_data.path), max_task_samples=cfg.data.max_task_samples,
                       heldout=[cfg.data.heldout_task, cfg.data.heldout_self], self_ratio=cfg.mix.self_ratio)
     return inputs
 
 
-def split_shard(result: dict, settings: FilterSettings | None) -> tuple[list[dict], list[dict]]:
+def split_shard(result: dict, gcfg: GenerateConfig | None) -> tuple[list[dict], list[dict]]:
     """Per-dialogue filters; cross-shard ones (duplicates, contamination) run at selection.
-    Rewrites (settings None) are never rejected: a failed check already kept the original."""
-    if settings is None:
+    Rewrites (gcfg None) are never rejected: a failed check already kept the original."""
+    if gcfg is None:
         return result["dialogues"], []
     accepted, rejected = [], []
     for dialogue in result["dialogues"]:
-        reason = rejection_reason(dialogue, settings)
+        reason = rejection_reason(dialogue, gcfg)
         if reason:
             rejected.append({**dialogue, "reason": reason})
         else:
@@ -62,7 +67,7 @@ def strings_in(obj) -> list[str]:
     return [s for item in obj for s in strings_in(item)] if isinstance(obj, list) else []
 
 
-def contamination_index(gcfg) -> ContaminationIndex | None:
+def contamination_index(gcfg: GenerateConfig) -> ContaminationIndex | None:
     """Word n-grams of every string (questions, choices, answers, messages) in the named eval sets."""
     if not gcfg.contamination_paths:
         return None
@@ -84,7 +89,7 @@ def contamination_index(gcfg) -> ContaminationIndex | None:
     return index
 
 
-def select(stage_dir: Path, planned: int, target: int, dups: DuplicateIndex | None,
+def select(run: RunDir, planned: int, target: int, dups: DuplicateIndex | None,
            contamination: ContaminationIndex | None) -> tuple[list[dict], int, list[dict]]:
     """Walk the shards in order, dropping duplicates and contaminated dialogues, until `target`.
 
@@ -93,8 +98,7 @@ def select(stage_dir: Path, planned: int, target: int, dups: DuplicateIndex | No
     """
     shards, dropped, have = [], [], 0
     for k in range(planned):
-        path = shard_path(stage_dir, k)
-        rows = read_jsonl(path)
+        rows = read_jsonl(run.shard(k))
         take, skip = 0, []
         for row in rows:
             if have >= target:
@@ -109,41 +113,33 @@ def select(stage_dir: Path, planned: int, target: int, dups: DuplicateIndex | No
                 dropped.append({**row, "reason": reason})
             else:
                 have += 1
-        shards.append({"file": str(path.relative_to(stage_dir)), "rows": len(rows), "take": take,
-                       "skip": skip, "sha256": sha256_file(path)})
+        shards.append(run.shard_record(k, take=take, skip=skip, rows=len(rows)))
         if have >= target:
             break
     return shards, have, dropped
 
 
-def write_shard(stage_dir: Path, shard: int, accepted: list[dict], rejected: list[dict]) -> None:
+def write_shard(run: RunDir, shard: int, accepted: list[dict], rejected: list[dict]) -> None:
     # The rejected file first: the accepted shard's existence is what marks the shard done.
-    atomic_write_jsonl(stage_dir / "rejected" / f"shard-{shard:05d}.jsonl", rejected)
-    atomic_write_jsonl(shard_path(stage_dir, shard), accepted)
+    atomic_write_jsonl(run.rejected_shard(shard), rejected)
+    atomic_write_jsonl(run.shard(shard), accepted)
 
 
-def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
+def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     gcfg = cfg.generate
     model_path = resolve_model(cfg.model.path)
     rewrite = gcfg.strategy == "rewrite"
-    from_task = rewrite or gcfg.num_samples < 0
-    task_data = read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes) if from_task else None
-    task_rows = task_data.rows[: cfg.data.max_task_samples or None] if from_task else None
-    stage = open_stage(run_dir, "generate", generate_inputs(cfg, model_path, task_data), overwrite)
-    if stage is None:
-        return read_json(run_dir / "generate" / "manifest.json")
+    task_data = task_data_for(cfg)
+    task_rows = task_data.rows[: cfg.data.max_task_samples or None] if task_data else None
 
-    for stale in stage.dir.rglob(".*.tmp"):  # a write cut short by a crash; never read
-        stale.unlink()
-    done = {int(p.stem.split("-")[1]) for p in (stage.dir / "shards").glob("shard-*.jsonl")}
+    run.remove_stale_writes("generate")  # writes a crash cut short; never read
+    done = run.shards_on_disk()
     if done:
         log.info("generate: %d shards already on disk; generating only the missing ones", len(done))
-    settings = None if rewrite else FilterSettings.from_config(gcfg)
     contamination = None if rewrite else contamination_index(gcfg)
     if rewrite:
         target = len(task_rows)
     elif gcfg.num_samples < 0:
-        from sa_sft.data.mix import self_samples_needed
         target = self_samples_needed(cfg, len(task_data.rows))
         log.info("generate: generate.num_samples=-1: %d self-dialogues (mix.self_ratio=%s x task rows + %d held out)",
                  target, cfg.mix.self_ratio, cfg.data.heldout_self)
@@ -155,42 +151,43 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                                               "max_user_tokens", "max_assistant_tokens")}
     tokens, pool = 0, None
     from sa_sft.cluster.ray_cluster import ray_session
-    from sa_sft.generate.pool import EnginePool
+    from sa_sft.engines.pool import EnginePool
+    from sa_sft.generate.strategies import ShardProgram
 
     def call(actor, shard):
         rows = task_rows[shard * gcfg.shard_size:(shard + 1) * gcfg.shard_size] if rewrite else None
-        return actor.generate_shard.remote(shard, cfg.seed, gcfg.shard_size, sampling, rows)
+        return actor.run_program.remote(ShardProgram(cfg.seed, shard, gcfg.shard_size, sampling, rows))
 
     shards_by_node: collections.Counter = collections.Counter()
     with ray_session(cfg.cluster.ray_address) as own_machine:
         try:
-            on_disk = sum(len(read_jsonl(shard_path(stage.dir, k))) for k in done)
+            on_disk = sum(len(read_jsonl(run.shard(k))) for k in done)
             bar = tqdm(total=target, initial=min(on_disk, target), unit="dlg", desc="generate", dynamic_ncols=True)
             started = time.time()
             while True:
                 todo = [k for k in range(planned) if k not in done]
                 if todo and pool is None:
                     log.info("generate: starting %d vLLM engine(s) for %s (%s)", gcfg.engines, model_path, gcfg.device)
-                    pool = EnginePool(gcfg, str(model_path), cfg.model.trust_remote_code, cfg.seed, str(cache_dir()),
+                    pool = EnginePool(gcfg, str(model_path), cfg.model.trust_remote_code, cfg.seed,
                                       own_machine=own_machine)
                     log.info("generate: engines ready: %s", pool.info)
-                for result in (pool.map_shards(todo, call) if todo else ()):
-                    accepted, rejected = split_shard(result, settings)
-                    write_shard(stage.dir, result["shard"], accepted, rejected)
+                for result in (pool.map_work(todo, call) if todo else ()):
+                    accepted, rejected = split_shard(result, None if rewrite else gcfg)
+                    write_shard(run, result["shard"], accepted, rejected)
                     done.add(result["shard"])
                     shards_by_node[result["node"]] += 1
                     tokens += result["tokens"]
                     bar.update(min(len(accepted), target - bar.n))
                     bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
                 dups = DuplicateIndex(near_threshold=gcfg.near_dup_threshold) if gcfg.dedup and not rewrite else None
-                shards, have, dropped = select(stage.dir, planned, target, dups, contamination)
+                shards, have, dropped = select(run, planned, target, dups, contamination)
                 if have >= target:
                     break
                 observed_yield = have / (planned * gcfg.shard_size)
                 if planned >= max_shards:
                     raise UserError(
                         f"generate: only {have} of {target} dialogues passed the filters in {planned} shards "
-                        f"(yield {observed_yield:.0%}); see {stage.dir / 'rejected'} and relax the filters "
+                        f"(yield {observed_yield:.0%}); see {run.rejected_dir} and relax the filters "
                         f"(generate.drop_truncated, generate.min_turn_chars, generate.max_*_tokens) or raise generate.max_shards")
                 extra = math.ceil((target - have) / max(observed_yield, MIN_YIELD) / gcfg.shard_size)
                 log.info("generate: %d of %d accepted (yield %.0f%%); adding %d shard(s)",
@@ -201,12 +198,14 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
             if pool is not None:
                 pool.close()
 
-    atomic_write_jsonl(stage.dir / "rejected" / "selection.jsonl", dropped)
+    atomic_write_jsonl(run.selection_rejects, dropped)
     reasons = collections.Counter(row["reason"] for row in dropped)
     for k in range(planned):
-        reasons.update(row["reason"] for row in read_jsonl(stage.dir / "rejected" / f"shard-{k:05d}.jsonl"))
-    kept_original = collections.Counter(row.get("kept_original") for row in load_rows(stage.dir, shards)) if rewrite else {}
-    manifest = stage.finish(
+        reasons.update(row["reason"] for row in read_jsonl(run.rejected_shard(k)))
+    kept_original = collections.Counter(row.get("kept_original") for row in run.load_selected(shards)) if rewrite else {}
+    log.info("generate: %d self-dialogues from %d shards in %.0f s (rejected: %s)",
+             target, planned, time.time() - stage.started, dict(sorted(reasons.items())))
+    return dict(
         num_samples=target,
         strategy=gcfg.strategy,
         **({"rewrites_kept_original": {k: v for k, v in kept_original.items() if k}} if rewrite else {}),
@@ -220,23 +219,3 @@ def run_generate(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
         engine_nodes=sorted(engine["node"] for engine in pool.info) if pool else [],
         shards_by_node_this_run=dict(sorted(shards_by_node.items())),
     )
-    log.info("generate: %d self-dialogues from %d shards in %.0f s (rejected: %s)",
-             target, planned, manifest["seconds"], manifest["rejected"])
-    return manifest
-
-
-def load_rows(stage_dir: Path, shards: list[dict]) -> list[dict]:
-    rows = []
-    for shard in shards:
-        path = stage_dir / shard["file"]
-        if sha256_file(path) != shard["sha256"]:
-            raise UserError(f"{path} changed since generation (hash mismatch); rerun generate with --overwrite")
-        skip = set(shard["skip"])
-        rows += [row for row in read_jsonl(path)[: shard["take"]] if row["id"] not in skip]
-    return rows
-
-
-def load_self_dialogues(run_dir: Path) -> list[dict]:
-    """The accepted self-dialogues (or rewrites) the manifest lists, checked against their recorded hashes."""
-    stage_dir = Path(run_dir) / "generate"
-    return load_rows(stage_dir, read_json(stage_dir / "manifest.json")["shards"])

@@ -15,11 +15,10 @@ step), so a shard's content does not depend on which engine ran it.
 """
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sa_sft.chat import assistant_prompt, user_turn_prefix
-
-STRATEGIES = ("self_dialogue", "topic_prompted", "rewrite")
+from sa_sft.engines.actor import Request
 
 TOPIC_PROMPT = "Name one topic that people often ask an AI assistant about. Reply with the topic only, in a few words."
 QUESTION_PROMPT = ("Write one question that a user might ask an AI assistant about {topic}. "
@@ -127,3 +126,40 @@ def finish_state(state: dict) -> dict:
                 "finish_reasons": [None] * (len(task["messages"]) - 1) + ["stop"],
                 "kept_original": reason, "seeds": state["seeds"], "meta": state["meta"]}
     return {k: state[k] for k in ("id", "shard", "messages", "finish_reasons", "tokens", "seeds", "meta")}
+
+
+@dataclass
+class ShardProgram:
+    """One shard's dialogues (or rewrites) as a program an engine runs (`EngineActor.run_program`):
+    every item in flight at once, each item's next request made by its strategy from what it
+    wrote so far. `sampling` holds the strategy, temperature, top_p, top_k, turns and token caps."""
+    run_seed: int
+    shard: int
+    size: int
+    sampling: dict
+    task_rows: list[dict] | None = None
+    strategy: str = field(init=False)
+
+    def __post_init__(self):
+        self.strategy = self.sampling["strategy"]
+
+    def start(self) -> list[dict]:
+        if self.task_rows is not None:
+            return [new_state(self.shard, i, row) for i, row in enumerate(self.task_rows)]
+        return [new_state(self.shard, i) for i in range(self.size)]
+
+    def next_request(self, tokenizer, state: dict) -> Request | None:
+        turn = next_turn(self.strategy, tokenizer, self.run_seed, state, self.sampling)
+        if turn is None:
+            return None
+        s = self.sampling
+        return Request(id=f"{state['id']}-{len(state['seeds'])}", prompt=turn.prompt, max_tokens=turn.max_tokens,
+                       seed=turn.seed, temperature=s["temperature"], top_p=s["top_p"], top_k=s["top_k"],
+                       kind=turn.kind)
+
+    def on_completion(self, state: dict, request: Request, text: str, finish_reason: str, num_tokens: int) -> None:
+        turn = Turn(request.kind, request.prompt, request.seed, request.max_tokens)
+        apply_completion(state, turn, text, finish_reason, num_tokens)
+
+    def result(self, states: list[dict]) -> dict:
+        return {"shard": self.shard, "dialogues": [finish_state(s) for s in states]}

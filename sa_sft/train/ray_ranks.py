@@ -8,7 +8,6 @@ resume; a rank that dies takes only its process down, and the driver stops the o
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,9 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from sa_sft import signals
+from sa_sft.cluster.ports import free_port
+from sa_sft.config import Config
 from sa_sft.errors import UserError
 
 log = logging.getLogger("sa_sft.train")
@@ -31,10 +33,7 @@ class RankActor:
 
     def address(self) -> tuple[str, int, str]:
         """This node's IP, a free port on it, and the Ray node id."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port, ray.get_runtime_context().get_node_id()
+        return ray.util.get_node_ip_address(), free_port(""), ray.get_runtime_context().get_node_id()
 
     def run(self, module_args: list[str], env: dict) -> int:
         self.proc = subprocess.Popen([sys.executable, *module_args], env={**os.environ, **env})
@@ -45,13 +44,13 @@ class RankActor:
             self.proc.send_signal(signal.SIGTERM)
 
 
-def bundle(cfg) -> dict:
+def bundle(cfg: Config) -> dict:
     if cfg.train.device == "cuda":
         return {"GPU": 1, "CPU": 1}
     return {"CPU": cfg.train.threads_per_rank}
 
 
-def run_ranks_on_ray(cfg, module_args: list[str], env: dict) -> tuple[int, list[str]]:
+def run_ranks_on_ray(cfg: Config, module_args: list[str], env: dict) -> tuple[int, list[str]]:
     """Run every rank to completion; the first rank to fail stops the rest. Returns (exit code, signals seen)."""
     from sa_sft.cluster.ray_cluster import ray_session
 
@@ -71,11 +70,11 @@ def run_ranks_on_ray(cfg, module_args: list[str], env: dict) -> tuple[int, list[
 
         def stop_all(signum=None, _frame=None):
             if signum is not None:
-                seen.append(signal.Signals(signum).name)
+                seen.append(signals.name(signum))
             for actor in actors:
                 actor.stop.remote()
 
-        previous = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        previous = signals.install(stop_all)
         try:
             log.info("train: %d rank(s) on Ray nodes %s; rendezvous %s:%d", ranks,
                      ", ".join(node[:8] for _, _, node in addresses), master_addr, master_port)
@@ -103,8 +102,7 @@ def run_ranks_on_ray(cfg, module_args: list[str], env: dict) -> tuple[int, list[
                     ray.wait(list(pending), num_returns=len(pending), timeout=STOP_GRACE_S)
             return code, seen
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            signals.restore(previous)
             for actor in actors:
                 ray.kill(actor)
             remove_placement_group(pg)

@@ -15,7 +15,9 @@ def sa_sft(*args, timeout=1800):
 
 def test_compare_runs_every_method_and_writes_one_report(tmp_path, tiny_model):
     root = tmp_path / "cmp"
-    proc = sa_sft("compare", "tiny", f"output_dir={root}", "evaluate.suites=[mmlu]", "evaluate.max_items=16")
+    # generate.num_samples=-1: the count follows mix.self_ratio, yet every method must share one generation.
+    proc = sa_sft("compare", "tiny", f"output_dir={root}", "evaluate.suites=[mmlu]", "evaluate.max_items=16",
+                  "generate.num_samples=-1")
     assert proc.returncode == 0, proc.stderr[-4000:]
     comparison = json.loads((root / "compare.json").read_text())
     rows = {r["method"]: r for r in comparison["methods"]}

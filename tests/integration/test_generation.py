@@ -20,8 +20,8 @@ def run_cli(*args, timeout=900):
 
 
 def dialogues(run_dir: Path) -> dict:
-    from sa_sft.generate.stage import load_self_dialogues
-    return {d["id"]: d["messages"] for d in load_self_dialogues(run_dir)}
+    from sa_sft.rundir import RunDir
+    return {d["id"]: d["messages"] for d in RunDir(run_dir).load_self_dialogues()}
 
 
 def test_same_samples_with_one_and_two_engines(tmp_path):
@@ -106,8 +106,10 @@ def test_engine_killed_mid_run_is_replaced_and_the_run_completes(tmp_path):
     import ray
 
     from sa_sft.config import load_config
-    from sa_sft.generate.pool import ENGINE_NAMESPACE
-    from sa_sft.generate.stage import run_generate
+    from sa_sft.engines.pool import ENGINE_NAMESPACE
+    from sa_sft.pipeline.runner import run_stage
+    from sa_sft.pipeline.stages import spec
+    from sa_sft.rundir import RunDir
 
     cfg = load_config("tiny", [f"output_dir={tmp_path / 'run'}", "generate.num_samples=48", "generate.engines=2",
                                "generate.max_user_tokens=16", "generate.max_assistant_tokens=32", "generate.shard_size=8"])
@@ -126,7 +128,7 @@ def test_engine_killed_mid_run_is_replaced_and_the_run_completes(tmp_path):
     try:
         killer = threading.Thread(target=kill_one_engine, daemon=True)
         killer.start()
-        manifest = run_generate(cfg, Path(cfg.output_dir))
+        manifest = run_stage(spec("generate"), cfg, RunDir(cfg.output_dir), overwrite=False)
         killer.join(timeout=5)
     finally:
         ray.shutdown()

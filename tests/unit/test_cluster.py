@@ -4,7 +4,8 @@ import shlex
 
 import pytest
 
-from sa_sft.cluster.slurm import (NODE_PORT_SETS, SLOT_WIDTH, JobPorts, check_probes, job_ports, srun_command)
+from sa_sft.cluster.ports import NODE_PORT_SETS, SLOT_WIDTH, JobPorts, job_ports
+from sa_sft.cluster.slurm import check_probes, srun_command
 from sa_sft.errors import UserError
 
 

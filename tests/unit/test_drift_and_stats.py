@@ -7,7 +7,8 @@ from safetensors.torch import save_file
 
 from sa_sft.errors import UserError
 from sa_sft.evaluate.drift import group_of, weight_drift
-from sa_sft.evaluate.suites import accuracy, bootstrap_ratio_ci, check, extract_number, wilson_interval
+from sa_sft.evaluate.stats import accuracy, bootstrap_ratio_ci, wilson_interval
+from sa_sft.evaluate.suites import check, extract_number
 
 
 def test_drift_is_per_layer_relative_to_the_base(tmp_path):
@@ -67,7 +68,7 @@ def test_suite_files_are_validated_with_file_and_line(tmp_path):
 
 
 def test_mmlu_rows_are_parsed_from_the_evals_format():
-    from sa_sft.prepared_data import mmlu_rows
+    from sa_sft.data.prepared import mmlu_rows
     line = '{"topic": "t", "question": "Q?\\nA. one\\nB. two\\nC. three\\nD. four\\nAnswer:", "answer": "C"}'
     assert mmlu_rows(line) == [{"question": "Q?", "choices": ["one", "two", "three", "four"], "answer": 2, "subject": "t"}]
 
@@ -93,7 +94,7 @@ def test_generation_suite_rows_and_checkers(tmp_path):
 
 
 def test_paired_delta_sees_a_shift_the_separate_intervals_cannot():
-    from sa_sft.evaluate.suites import paired_bootstrap_delta, wilson_interval
+    from sa_sft.evaluate.stats import paired_bootstrap_delta, wilson_interval
     # 200 items; model b gets 10 more right than a and none of a's right answers wrong.
     a = [1.0] * 60 + [0.0] * 140
     b = [1.0] * 70 + [0.0] * 130

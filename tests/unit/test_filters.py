@@ -1,10 +1,11 @@
 """Each generation filter on crafted dialogues."""
 import json
 
-from sa_sft.generate.filters import (ContaminationIndex, DuplicateIndex, FilterSettings, mark_truncated,
-                                     rejection_reason, repeated_ngram_fraction)
+from sa_sft.config import GenerateConfig
+from sa_sft.generate.filters import (ContaminationIndex, DuplicateIndex, mark_truncated, rejection_reason,
+                                     repeated_ngram_fraction)
 
-S = FilterSettings(min_turn_chars=3)
+S = GenerateConfig(min_turn_chars=3)
 
 
 def dialogue(user="How do I boil an egg?", answer="Put it in boiling water for nine minutes.", finish=("stop", "stop")):
@@ -19,8 +20,8 @@ def test_clean_dialogue_passes():
 def test_truncation():
     cut_answer = dialogue(finish=("stop", "length"))
     assert rejection_reason(cut_answer, S) is None  # kept, without end-of-turn (see mark_truncated)
-    assert rejection_reason(cut_answer, FilterSettings(min_turn_chars=3, keep_truncated_answers=False)) == "truncated_assistant"
-    assert rejection_reason(cut_answer, FilterSettings(min_turn_chars=3, drop_truncated=False, keep_truncated_answers=False)) is None
+    assert rejection_reason(cut_answer, GenerateConfig(min_turn_chars=3, keep_truncated_answers=False)) == "truncated_assistant"
+    assert rejection_reason(cut_answer, GenerateConfig(min_turn_chars=3, drop_truncated=False, keep_truncated_answers=False)) is None
     assert rejection_reason(dialogue(finish=("length", "stop")), S) == "truncated_user"
     marked = mark_truncated(cut_answer)["messages"]
     assert marked[1]["truncated"] is True and "truncated" not in marked[0]
@@ -47,8 +48,8 @@ def test_degenerate_repetition():
 def test_refusals_are_configurable():
     refusal = dialogue(answer="As an AI, I cannot have opinions about eggs.")
     assert rejection_reason(refusal, S) == "refusal"
-    assert rejection_reason(refusal, FilterSettings(min_turn_chars=3, refusal_patterns=())) is None
-    custom = FilterSettings(min_turn_chars=3, refusal_patterns=(r"nine minutes",))
+    assert rejection_reason(refusal, GenerateConfig(min_turn_chars=3, refusal_patterns=[])) is None
+    custom = GenerateConfig(min_turn_chars=3, refusal_patterns=[r"nine minutes"])
     assert rejection_reason(dialogue(), custom) == "refusal"
 
 

@@ -1,7 +1,8 @@
 import pytest
 
 from sa_sft.config import load_config
-from sa_sft.data.mix import check_self_supply, mix_samples, split_heldout, split_ranks
+from sa_sft.data.plan import check_self_supply
+from sa_sft.mix.stage import mix_samples, split_heldout, split_ranks
 from sa_sft.errors import UserError
 
 TASK = [{"id": f"task-{i}", "messages": []} for i in range(100)]
@@ -69,8 +70,28 @@ def test_self_supply_checked_before_generation():
 
 
 def test_num_samples_can_follow_the_task_set():
-    from sa_sft.data.mix import self_samples_needed
+    from sa_sft.data.plan import self_samples_needed
     cfg = load_config("tiny", ["generate.num_samples=-1", "mix.self_ratio=0.5"])
     # tiny: 48 task rows, 8 held out -> 40 train -> 20 self + 8 held-out self
     assert self_samples_needed(cfg, task_rows=999) == 28
     check_self_supply(cfg, task_rows=999)  # -1 never falls short
+
+
+def test_compare_shares_one_generation_when_the_count_is_derived(tiny_model, tmp_path):
+    """With generate.num_samples=-1 the generate inputs name mix.self_ratio, which differs between the
+    methods of `sa-sft compare`: the copied generation would be refused. compare fixes the count once."""
+    from sa_sft.compare import method_overrides, shared_generation
+    from sa_sft.generate.stage import inputs
+    from sa_sft.rundir import RunDir
+
+    derived = ["generate.num_samples=-1"]
+    cfg = load_config("tiny", derived)
+    shared = shared_generation("tiny", derived, cfg)
+    assert shared == ["generate.num_samples=48"]  # lambda 1 x 40 training task rows + 8 held out
+    method_inputs = lambda extra: {m: inputs(load_config("tiny", [*derived, *extra, *method_overrides(m, cfg)]),
+                                             RunDir(tmp_path)) for m in ("sa_sft", "task_only")}
+    unshared = method_inputs([])
+    assert unshared["sa_sft"] != unshared["task_only"]
+    fixed = method_inputs(shared)
+    assert fixed["sa_sft"] == fixed["task_only"]
+    assert shared_generation("tiny", [], load_config("tiny")) == []

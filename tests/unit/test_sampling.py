@@ -4,7 +4,7 @@ import torch
 
 ref_module = pytest.importorskip("vllm.v1.sample.ops.topk_topp_sampler")
 
-from sa_sft.generate.sampling import nucleus_filter  # noqa: E402
+from sa_sft.engines.sampling import nucleus_filter  # noqa: E402
 
 
 def reference(logits, k, p):

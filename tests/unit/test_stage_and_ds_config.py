@@ -4,23 +4,24 @@ import pytest
 
 from sa_sft.config import load_config
 from sa_sft.errors import UserError
-from sa_sft.stage import open_stage
+from sa_sft.rundir import RunDir
 from sa_sft.train.ds_config import build_ds_config, fill_auto
-from sa_sft.train.trainer import lr_factor, prune_checkpoints, latest_checkpoint
+from sa_sft.train.recipe import lr_factor
 
 
 def test_stage_skip_resume_refuse(tmp_path):
-    stage = open_stage(tmp_path, "mix", {"mix": {"self_ratio": 1.0}})
+    run = RunDir(tmp_path)
+    stage = run.open_stage("mix", {"mix": {"self_ratio": 1.0}})
     assert stage is not None and not stage.resumed
     # Interrupted (plan, no manifest): the same inputs resume.
-    again = open_stage(tmp_path, "mix", {"mix": {"self_ratio": 1.0}})
+    again = run.open_stage("mix", {"mix": {"self_ratio": 1.0}})
     assert again.resumed
     again.finish(counts=1)
-    assert open_stage(tmp_path, "mix", {"mix": {"self_ratio": 1.0}}) is None  # finished: skip
+    assert run.open_stage("mix", {"mix": {"self_ratio": 1.0}}) is None  # finished: skip
     with pytest.raises(UserError, match=r"mix.self_ratio: 1.0 -> 0.5.*--overwrite"):
-        open_stage(tmp_path, "mix", {"mix": {"self_ratio": 0.5}})
+        run.open_stage("mix", {"mix": {"self_ratio": 0.5}})
     (tmp_path / "mix" / "keep.txt").write_text("x")
-    rebuilt = open_stage(tmp_path, "mix", {"mix": {"self_ratio": 0.5}}, overwrite=True)
+    rebuilt = run.open_stage("mix", {"mix": {"self_ratio": 0.5}}, overwrite=True)
     assert rebuilt is not None and not (tmp_path / "mix" / "keep.txt").exists()
 
 
@@ -53,24 +54,14 @@ def test_lr_schedule():
     assert lr_factor(9, warmup=0, total=10, schedule="constant", min_ratio=0.0) == 1.0
 
 
-def test_checkpoint_pruning_keeps_latest(tmp_path):
-    for step in (1, 2, 3, 4):
-        (tmp_path / f"step-{step:07d}").mkdir()
-    (tmp_path / "latest").write_text("step-0000003")
-    prune_checkpoints(tmp_path, keep_last=1)
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000003", "step-0000004"]
-    assert latest_checkpoint(tmp_path) == "step-0000003"
-
-
 def test_manifests_record_the_environment_without_secrets(tmp_path, monkeypatch):
     import json
 
-    from sa_sft.stage import open_stage
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
     for name in ("SA_SFT_API_KEY", "NCCL_SECRET", "RAY_AUTH_TOKEN", "HF_TOKEN", "SLURM_JOB_PASSWORD", "CUDA_AUTH"):
         monkeypatch.setenv(name, "hunter2-value")
-    manifest = open_stage(tmp_path, "mix", {"x": 1}).finish()
+    manifest = RunDir(tmp_path).open_stage("mix", {"x": 1}).finish()
     assert manifest["environment"]["NCCL_SOCKET_IFNAME"] == "ib0" and manifest["environment"]["OMP_NUM_THREADS"] == "4"
     assert "hunter2-value" not in (tmp_path / "mix" / "manifest.json").read_text()
     assert "hunter2-value" not in json.dumps(manifest)

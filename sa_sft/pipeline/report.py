@@ -1,20 +1,19 @@
 """report.json and report.md, rebuilt from a run directory's manifests and eval files alone."""
-from pathlib import Path
-
 from sa_sft.errors import UserError
 from sa_sft.io import atomic_write_json, atomic_write_text, read_json, read_jsonl
-from sa_sft.stage import STAGES
+from sa_sft.pipeline.stages import STAGE_NAMES
+from sa_sft.rundir import RunDir
+
+MODELS = ("base", "final")
 
 
-def collect(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir} is not a run directory")
-    manifests = {s: read_json(run_dir / s / "manifest.json") for s in STAGES
-                 if (run_dir / s / "manifest.json").exists()}
+def collect(run: RunDir) -> dict:
+    if not run.root.is_dir():
+        raise UserError(f"{run.root} is not a run directory")
+    manifests = {s: run.manifest(s) for s in STAGE_NAMES if run.finished(s)}
     if not manifests:
-        raise UserError(f"{run_dir} has no finished stage (no */manifest.json)")
-    report = {"run_dir": str(run_dir.resolve()),
+        raise UserError(f"{run.root} has no finished stage (no stage manifest)")
+    report = {"run_dir": str(run.root.resolve()),
               "stages": {s: {"seconds": m["seconds"], "resumed": m["resumed"], "finished_at": m["finished_at"]}
                          for s, m in manifests.items()}}
     if "generate" in manifests:
@@ -27,13 +26,12 @@ def collect(run_dir: Path) -> dict:
                          "heldout": m["heldout"], "truncated": m["truncated"], "dropped": m["dropped"]}
     if "train" in manifests:
         t = manifests["train"]
-        metrics = read_jsonl(run_dir / "train" / "metrics.jsonl")
+        metrics = read_jsonl(run.metrics)
         report["train"] = {"steps": t["steps"], "num_params": t["num_params"], "zero_stage": t["zero_stage"],
                            "ranks": t["ranks"], "first_loss": t["first_loss"], "final_loss": t["final_loss"],
                            "tokens_per_s": t["tokens_per_s"], "logged_steps": len(metrics)}
     if "evaluate" in manifests:
-        evals = {name: read_json(run_dir / "eval" / f"{name}.json") for name in ("base", "final")
-                 if (run_dir / "eval" / f"{name}.json").exists()}
+        evals = {name: read_json(run.scores(name)) for name in MODELS if run.scores(name).exists()}
         report["eval"] = {}
         for suite in sorted({s for e in evals.values() for s in e["suites"]}):
             scored = {name: e["suites"][suite] for name, e in evals.items() if suite in e["suites"]}
@@ -47,19 +45,18 @@ def collect(run_dir: Path) -> dict:
             report["eval"][suite] = {"metric": metric, **row}
         e = manifests["evaluate"]
         report["retention"] = {"kl_base_final": e.get("kl_base_final"), "style_gap": e.get("style_gap")}
-        if (run_dir / "eval" / "retention.json").exists():
-            report["retention"]["kl_ci95"] = read_json(run_dir / "eval" / "retention.json")["ci95"]
-        if (run_dir / "eval" / "drift.json").exists():
-            drift = read_json(run_dir / "eval" / "drift.json")
+        if run.retention.exists():
+            report["retention"]["kl_ci95"] = read_json(run.retention)["ci95"]
+        if run.drift.exists():
+            drift = read_json(run.drift)
             report["drift"] = {"relative": drift["relative"], "l2": drift["l2"],
                                "per_group": {g: v["relative"] for g, v in drift["per_group"].items()}}
-    config = run_dir / "config.yaml"
-    if config.exists():
-        report["config"] = str(config)
+    if run.config.exists():
+        report["config"] = str(run.config)
     return report
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: dict, run: RunDir) -> str:
     lines = ["# sa-sft run report", "", f"Run directory: `{report['run_dir']}`", "", "## Stages", "",
              "| stage | seconds | resumed |", "|---|---:|---|"]
     lines += [f"| {s} | {v['seconds']:.1f} | {v['resumed']} |" for s, v in report["stages"].items()]
@@ -92,7 +89,7 @@ def render_markdown(report: dict) -> str:
     if "drift" in report:
         d = report["drift"]
         lines += [f"- Weights moved {d['relative']:.3g} of their norm (L2 {d['l2']:.4g}); per layer: "
-                  "`plots/drift.png`, values in `eval/drift.json`"]
+                  f"`{run.relative(run.plot('drift'))}`, values in `{run.relative(run.drift)}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -100,11 +97,11 @@ def fmt_ci(ci) -> str:
     return f"[{ci[0]}, {ci[1]}]" if ci else ""
 
 
-def write_report(run_dir: Path) -> dict:
+def write_report(run: RunDir) -> dict:
     from sa_sft.plots import write_run_plots
 
-    report = collect(run_dir)
-    report["plots"] = write_run_plots(Path(run_dir), report)
-    atomic_write_json(Path(run_dir) / "report.json", report)
-    atomic_write_text(Path(run_dir) / "report.md", render_markdown(report))
+    report = collect(run)
+    report["plots"] = [run.relative(path) for path in write_run_plots(run, report)]
+    atomic_write_json(run.report_json, report)
+    atomic_write_text(run.report_md, render_markdown(report, run))
     return report

@@ -1,20 +1,34 @@
-"""A Ray actor holding one vLLM engine; it turns a shard number into that shard's dialogues.
+"""A Ray actor holding one vLLM engine. It runs request programs (generation) and greedy
+completions (evaluation); what the requests are is the caller's business.
 
-The actor receives only (shard, run seed, sampling settings) and returns raw turns; the
-prompts and seeds are pure functions of the run seed and the shard (strategies.py), and
-an actor runs one shard at a time with a seed per request, so the result does not depend
-on which engine ran it.
+A program is a picklable object that says, for each of its items, which request comes next
+given what was written so far (see `run_program`). The generate stage's programs make every
+prompt and seed a pure function of (run seed, shard, item, step), and the actor runs one
+program at a time with a seed per request, so the result does not depend on which engine
+ran it.
 """
 import os
-import socket
 import time
+from dataclasses import dataclass
 
 import ray
 
+from sa_sft.cache import vllm_cache_dir
+from sa_sft.config import GenerateConfig
+from sa_sft.hardware import node_name
 
-def node_name() -> str:
-    """The Slurm node this process runs on, else the host name (Ray workers inherit the raylet's environment)."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+@dataclass(frozen=True)
+class Request:
+    """One sampled completion of a raw prompt text."""
+    id: str
+    prompt: str
+    max_tokens: int
+    seed: int
+    temperature: float
+    top_p: float
+    top_k: int
+    kind: str = ""  # what the completion is, for the program that made the request
 
 
 def node_label() -> str:
@@ -22,19 +36,19 @@ def node_label() -> str:
     return f"{node_name()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
 
-def engine_env(cfg, cache_root: str, cpu_ids: list[int] | None = None, threads: int = 0) -> dict:
+def engine_env(gcfg: GenerateConfig, cpu_ids: list[int] | None = None, threads: int = 0) -> dict:
     """Environment of one engine process: offline, tidy caches; on CPU pinned to `cpu_ids`, or
     `threads` unpinned threads where the node is shared."""
     env = {
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_CACHE_ROOT": os.path.join(cache_root, "vllm"),
+        "VLLM_CACHE_ROOT": vllm_cache_dir(),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "VLLM_LOGGING_LEVEL": "WARNING",
     }
-    if cfg.device == "cpu":
+    if gcfg.device == "cpu":
         if cpu_ids:
             bind = f"{cpu_ids[0]}-{cpu_ids[-1]}" if len(cpu_ids) > 1 else str(cpu_ids[0])
             threads = len(cpu_ids)
@@ -42,7 +56,7 @@ def engine_env(cfg, cache_root: str, cpu_ids: list[int] | None = None, threads: 
             bind = "nobind"
         env.update({
             "VLLM_TARGET_DEVICE": "cpu",
-            "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(cfg.kv_cache_gib))),
+            "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(gcfg.kv_cache_gib))),
             "VLLM_CPU_OMP_THREADS_BIND": bind,
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "OMP_NUM_THREADS": str(max(1, threads)),
@@ -50,25 +64,26 @@ def engine_env(cfg, cache_root: str, cpu_ids: list[int] | None = None, threads: 
     return env
 
 
-def engine_kwargs(cfg, model_path: str, trust_remote_code: bool, seed: int, max_model_len: int | None = None) -> dict:
+def engine_kwargs(gcfg: GenerateConfig, model_path: str, trust_remote_code: bool, seed: int,
+                  max_model_len: int | None = None) -> dict:
     kwargs = {
         "model": model_path,
         "tokenizer": model_path,
-        "dtype": cfg.dtype,
+        "dtype": gcfg.dtype,
         "seed": seed,
-        "enforce_eager": cfg.enforce_eager,
+        "enforce_eager": gcfg.enforce_eager,
         # The longest prompt is the whole dialogue so far plus the template; a rewrite's prompt holds
         # a task row of unknown length, so it gets the model's own context length.
-        "max_model_len": max_model_len or (None if cfg.strategy == "rewrite"
-                                           else cfg.turns // 2 * (cfg.max_user_tokens + cfg.max_assistant_tokens) + 256),
-        "max_num_seqs": cfg.max_num_seqs,
-        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "max_model_len": max_model_len or (None if gcfg.strategy == "rewrite"
+                                           else gcfg.turns // 2 * (gcfg.max_user_tokens + gcfg.max_assistant_tokens) + 256),
+        "max_num_seqs": gcfg.max_num_seqs,
+        "tensor_parallel_size": gcfg.tensor_parallel_size,
         "trust_remote_code": trust_remote_code,
         "load_format": "safetensors",  # never unpickle weights
     }
-    if cfg.device == "cuda":
-        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        if cfg.tensor_parallel_size > 1:
+    if gcfg.device == "cuda":
+        kwargs["gpu_memory_utilization"] = gcfg.gpu_memory_utilization
+        if gcfg.tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "ray"
     return kwargs
 
@@ -79,7 +94,7 @@ class EngineActor:
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        from sa_sft.generate.sampling import install_fast_top_p
+        from sa_sft.engines.sampling import install_fast_top_p
 
         started = time.time()
         self.fast_top_p = install_fast_top_p() if fast_top_p else False
@@ -96,37 +111,33 @@ class EngineActor:
                 "fast_top_p": self.fast_top_p,
                 "startup_seconds": round(self.startup_seconds, 1)}
 
-    def generate_shard(self, shard: int, run_seed: int, shard_size: int, sampling: dict,
-                       task_rows: list[dict] | None = None) -> dict:
-        """Write one shard: `shard_size` dialogues, or one rewrite per task row for `rewrite`.
+    def run_program(self, program) -> dict:
+        """Run every item of `program` to completion; returns `program.result(states)` with the node,
+        the seconds and the tokens generated.
 
-        All dialogues of the shard are in flight at once, and each dialogue's next request is
-        queued the moment its previous one finishes, so the engine's batch stays full
-        (continuous batching) instead of draining at every turn boundary. Every request
-        carries its own seed.
+        `program` provides `start() -> states` (one per item, all in flight at once),
+        `next_request(tokenizer, state) -> Request | None` (None: the item is done) and
+        `on_completion(state, request, text, finish_reason, num_tokens)`. Each item's next request
+        is queued the moment its previous one finishes, so the engine's batch stays full
+        (continuous batching) instead of draining at every step boundary.
         """
         from vllm import SamplingParams
 
-        from sa_sft.generate import strategies
-
         started = time.time()
         engine = self.llm.llm_engine
-        strategy = sampling["strategy"]
-        states = ([strategies.new_state(shard, i, row) for i, row in enumerate(task_rows)] if task_rows is not None
-                  else [strategies.new_state(shard, i) for i in range(shard_size)])
-        in_flight: dict[str, tuple[int, strategies.Turn]] = {}
+        states = program.start()
+        in_flight: dict[str, tuple[int, Request]] = {}
 
         def submit(index: int) -> None:
-            turn = strategies.next_turn(strategy, self.tokenizer, run_seed, states[index], sampling)
-            if turn is None:
+            request = program.next_request(self.tokenizer, states[index])
+            if request is None:
                 return
-            params = SamplingParams(temperature=sampling["temperature"], top_p=sampling["top_p"],
-                                    top_k=sampling["top_k"], max_tokens=turn.max_tokens, seed=turn.seed,
+            params = SamplingParams(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
+                                    max_tokens=request.max_tokens, seed=request.seed,
                                     stop_token_ids=self.stop_ids, skip_special_tokens=True)
-            prompt = {"prompt_token_ids": self.tokenizer(turn.prompt, add_special_tokens=False)["input_ids"]}
-            request_id = f"{states[index]['id']}-{len(states[index]['seeds'])}"
-            engine.add_request(request_id, prompt, params)
-            in_flight[request_id] = (index, turn)
+            prompt = {"prompt_token_ids": self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]}
+            engine.add_request(request.id, prompt, params)
+            in_flight[request.id] = (index, request)
 
         for index in range(len(states)):
             submit(index)
@@ -135,14 +146,13 @@ class EngineActor:
             for output in engine.step():
                 if not output.finished:
                     continue
-                index, turn = in_flight.pop(output.request_id)
+                index, request = in_flight.pop(output.request_id)
                 completion = output.outputs[0]
-                strategies.apply_completion(states[index], turn, completion.text, completion.finish_reason,
-                                            len(completion.token_ids))
+                program.on_completion(states[index], request, completion.text, completion.finish_reason,
+                                      len(completion.token_ids))
                 tokens += len(completion.token_ids)
                 submit(index)
-        return {"shard": shard, "node": node_label(), "dialogues": [strategies.finish_state(s) for s in states],
-                "seconds": time.time() - started, "tokens": tokens}
+        return {**program.result(states), "node": node_label(), "seconds": time.time() - started, "tokens": tokens}
 
     def complete(self, prompts: list[str], max_tokens: int, stop: list[str], tag=None) -> dict:
         """Greedy completions of raw prompt texts (evaluation), in order; `tag` comes back with them.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sa_sft.errors import UserError
 from sa_sft.io import atomic_write_json, atomic_write_jsonl, sha256_file
-from sa_sft.models import cache_dir
+from sa_sft.cache import cache_dir
 
 log = logging.getLogger("sa_sft.data")
 

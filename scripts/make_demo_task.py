@@ -7,7 +7,7 @@ the model's own chat answers, which is exactly the setting where plain SFT forge
 Run once by a maintainer (the output is committed; nothing is generated at run time):
 
     pip install reasoning-gym==0.1.25
-    python -m sa_sft.data.make_demo_task sa_sft/data/builtin/gsm_symbolic.jsonl
+    python scripts/make_demo_task.py sa_sft/data/builtin/gsm_symbolic.jsonl
 """
 import argparse
 import hashlib

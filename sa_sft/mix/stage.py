@@ -7,18 +7,15 @@ renderer (loss on assistant tokens only) and written as one Arrow dataset per ra
 """
 import logging
 import random
-import shutil
-from pathlib import Path
 
 from sa_sft.chat import IGNORE_INDEX, tokenize_conversation
 from sa_sft.config import Config, section_for_results
 from sa_sft.data.packing import pack, packing_efficiency
 from sa_sft.data.task import read_task_data, resolve_task_path
 from sa_sft.errors import UserError
-from sa_sft.generate.stage import load_self_dialogues
-from sa_sft.io import atomic_write_jsonl, read_json, sha256_file
+from sa_sft.io import atomic_dir, atomic_write_jsonl, sha256_file
 from sa_sft.models import resolve_model
-from sa_sft.stage import open_stage, upstream_fingerprint
+from sa_sft.rundir import RunDir, Stage
 
 log = logging.getLogger("sa_sft.mix")
 
@@ -64,32 +61,15 @@ def mix_samples(task: list[dict], self_pool: list[dict], self_ratio: float, seed
     return mixed
 
 
-def task_train_count(cfg: Config, task_rows: int) -> int:
-    return max(0, min(task_rows, cfg.data.max_task_samples or task_rows) - cfg.data.heldout_task)
-
-
-def self_samples_needed(cfg: Config, task_rows: int) -> int:
-    """Self-dialogues the mix will use: lambda x training task rows, plus the held-out ones."""
-    return round(cfg.mix.self_ratio * task_train_count(cfg, task_rows)) + cfg.data.heldout_self
-
-
-def check_self_supply(cfg: Config, task_rows: int) -> None:
-    """Fail before generation if generate.num_samples cannot cover lambda x task rows + the held-out ones."""
-    needed = self_samples_needed(cfg, task_rows)
-    if cfg.generate.strategy != "rewrite" and cfg.mix.ratio_unit == "samples" and 0 <= cfg.generate.num_samples < needed:
-        raise UserError(f"config key generate.num_samples ({cfg.generate.num_samples}) is too small: "
-                        f"mix.self_ratio={cfg.mix.self_ratio} x {task_train_count(cfg, task_rows)} task rows "
-                        f"+ data.heldout_self={cfg.data.heldout_self} needs {needed}")
-
-
 def split_ranks(samples: list, ranks: int) -> list[list]:
     """Round-robin per rank, cut to equal length so every rank runs the same number of steps."""
     per_rank = len(samples) // ranks
     return [samples[r::ranks][:per_rank] for r in range(ranks)]
 
 
-def mix_inputs(cfg: Config, run_dir: Path, task_path: Path) -> dict:
-    return {"generate": upstream_fingerprint(run_dir, "generate"), "task_sha256": sha256_file(task_path),
+def inputs(cfg: Config, run: RunDir) -> dict:
+    task_path = resolve_task_path(cfg.data.task_path)
+    return {"generate": run.fingerprint("generate"), "task_sha256": sha256_file(task_path),
             "seed": cfg.seed, "data": section_for_results(cfg.data), "mix": section_for_results(cfg.mix),
             "ranks": cfg.train.ranks, "max_seq_len": cfg.train.max_seq_len, "overlong": cfg.train.overlong,
             "packing": cfg.train.packing, "train_on_prompt": cfg.train.train_on_prompt,
@@ -97,18 +77,14 @@ def mix_inputs(cfg: Config, run_dir: Path, task_path: Path) -> dict:
                                 if cfg.data.external_path else None)}
 
 
-def run_mix(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
+def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     task_data = read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes)
-    stage = open_stage(run_dir, "mix", mix_inputs(cfg, run_dir, task_data.path), overwrite)
-    if stage is None:
-        return read_json(run_dir / "mix" / "manifest.json")
-
     task_rows = task_data.rows[: cfg.data.max_task_samples or None]
     task_train, task_heldout = split_heldout(task_rows, cfg.data.heldout_task, cfg.seed, "task")
-    generated = load_self_dialogues(run_dir)
+    generated = run.load_self_dialogues()
     if cfg.generate.strategy == "rewrite":
         # SDFT-style: train on the model's own rewrites of the task answers; evaluate on the originals.
         rewrites = {row["task_id"]: row["messages"] for row in generated}
@@ -168,15 +144,11 @@ def run_mix(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
                 c["tokens"] += n
                 c["loss_tokens"] += sum(1 for x in row["labels"][offset:offset + n] if x != IGNORE_INDEX)
                 offset += n
-        final = stage.dir / f"rank-{rank:05d}"
-        tmp = stage.dir / f".rank-{rank:05d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        Dataset.from_list(rank_rows).save_to_disk(str(tmp))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        rank_files.append(final.name)
-    atomic_write_jsonl(stage.dir / "heldout" / "task.jsonl", task_heldout)
-    atomic_write_jsonl(stage.dir / "heldout" / "self.jsonl", self_heldout)
+        with atomic_dir(run.rank_data(rank)) as tmp:
+            Dataset.from_list(rank_rows).save_to_disk(str(tmp))
+        rank_files.append(run.rank_data(rank).name)
+    atomic_write_jsonl(run.heldout("task"), task_heldout)
+    atomic_write_jsonl(run.heldout("self"), self_heldout)
 
     unit = "samples" if cfg.mix.ratio_unit == "samples" else "tokens"
     realized = counts["self"][unit] / max(counts["task"][unit], 1)
@@ -185,7 +157,7 @@ def run_mix(cfg: Config, run_dir: Path, overwrite: bool = False) -> dict:
              counts["task"]["samples"], counts["self"]["samples"], cfg.train.ranks, realized,
              counts["task"]["tokens"], counts["self"]["tokens"], len(task_heldout), len(self_heldout),
              truncated, dropped)
-    return stage.finish(
+    return dict(
         counts=counts, realized_self_ratio=round(realized, 4), ratio_unit=cfg.mix.ratio_unit, ranks=cfg.train.ranks,
         rank_dirs=rank_files, rows_per_rank=len(per_rank[0]), packed=cfg.train.packing,
         packing_efficiency=efficiency,

@@ -1,11 +1,14 @@
-"""Mean token negative log-likelihood of assistant turns under a model."""
+"""Scoring by likelihood: mean token NLL of assistant turns, KL between two models, and multiple
+choice (the most likely option text, or option letter)."""
 import math
 
 import torch
 
-from sa_sft.chat import IGNORE_INDEX, tokenize_conversation
+from sa_sft.chat import IGNORE_INDEX, pad_token_id, render, tokenize_conversation
 from sa_sft.data.packing import collate
-from sa_sft.evaluate.suites import bootstrap_ratio_ci
+from sa_sft.evaluate.stats import accuracy, bootstrap_ratio_ci
+
+LETTERS = "ABCDEFGHIJ"
 
 
 def load_model(path, dtype: torch.dtype, trust_remote_code: bool = False, device: str = "cpu"):
@@ -14,10 +17,6 @@ def load_model(path, dtype: torch.dtype, trust_remote_code: bool = False, device
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  use_safetensors=True)
     return tokenizer, model.to(device).eval()
-
-
-def pad_token_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def plain_head(model) -> bool:
@@ -96,3 +95,49 @@ def kl_from_base(base, final, tokenizer, conversations: list[list[dict]], max_le
     mean = sum(sums) / max(sum(counts), 1)
     return {"mean_kl": round(mean, 6), "ci95": bootstrap_ratio_ci(sums, counts), "tokens": sum(counts),
             "samples": len(rows)}
+
+
+def mc_prompt(tokenizer, row: dict) -> str:
+    options = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(row["choices"]))
+    question = f"{row['question']}\n{options}\nAnswer with the letter of the correct option."
+    return render(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+
+
+@torch.no_grad()
+def score_mc(model, tokenizer, rows: list[dict], batch_size: int) -> dict:
+    """Accuracy: the option letter the model finds most likely as its answer's first token."""
+    letter_ids = [tokenizer(LETTERS[i], add_special_tokens=False)["input_ids"][0] for i in range(len(LETTERS))]
+    correct = []
+    pad_id = pad_token_id(tokenizer)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        encoded = [tokenizer(mc_prompt(tokenizer, r), add_special_tokens=False)["input_ids"] for r in batch]
+        width = max(map(len, encoded))
+        ids = torch.full((len(batch), width), pad_id)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, e in enumerate(encoded):  # left padding: the next-token logits sit in the last column
+            ids[j, width - len(e):] = torch.tensor(e)
+            mask[j, width - len(e):] = 1
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, position_ids = ids.to(model.device), mask.to(model.device), position_ids.to(model.device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float().cpu()
+        for j, row in enumerate(batch):
+            options = logits[j, letter_ids[:len(row["choices"])]]
+            correct.append(int(options.argmax()) == row["answer"])
+    return accuracy(correct, chance=sum(1 / len(r["choices"]) for r in rows) / len(rows))
+
+
+@torch.no_grad()
+def score_mc_text(model, tokenizer, rows: list[dict], batch_size: int) -> dict:
+    """Accuracy: the option whose text, as the assistant's answer, has the highest mean token
+    log-likelihood (cloze scoring; small models often pick letters near chance but texts well)."""
+    pairs = [(i, c) for i, row in enumerate(rows) for c in range(len(row["choices"]))]
+    conversations = [[{"role": "user", "content": rows[i]["question"]},
+                      {"role": "assistant", "content": rows[i]["choices"][c]}] for i, c in pairs]
+    means = [-nll for nll in token_nll(model, tokenizer, conversations, 1024, batch_size)["per_sample_mean_nll"]]
+    best: dict[int, tuple[float, int]] = {}
+    for (i, c), m in zip(pairs, means):
+        if i not in best or m > best[i][0]:
+            best[i] = (m, c)
+    correct = [best[i][1] == row["answer"] for i, row in enumerate(rows)]
+    return accuracy(correct, chance=sum(1 / len(r["choices"]) for r in rows) / len(rows))

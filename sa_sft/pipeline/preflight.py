@@ -1,0 +1,48 @@
+"""Preflight: cheap checks of everything the pipeline will read, whichever stage runs now, so bad input
+fails in seconds with one line, not after an hour of generation."""
+import os
+
+from sa_sft.config import Config
+from sa_sft.data.plan import check_self_supply
+from sa_sft.data.task import read_task_data
+from sa_sft.errors import UserError
+from sa_sft.models import resolve_model
+
+
+def preflight(cfg: Config, stages: list[str]) -> None:
+    check_local_ranks(cfg)
+    model_path = resolve_model(cfg.model.path)
+    task_rows = len(read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes).rows)
+    if "mix" in stages:  # generating fewer self-dialogues than a later mix needs is a choice, not an error
+        check_self_supply(cfg, task_rows)
+    if cfg.data.external_path:
+        read_task_data(cfg.data.external_path, cfg.data.on_bad_row, key="data.external_path",
+                       max_row_bytes=cfg.data.max_row_bytes)
+    from sa_sft.train.ds_config import load_preset
+    from sa_sft.train.freezing import check_freeze_settings
+    load_preset(cfg.train.deepspeed_config)
+    check_freeze_settings(cfg.train, model_path)
+    from sa_sft.evaluate.suites import load_suite, python_checker
+    suites = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
+    checkers = {row["checker"] for s in suites for row in s.rows if str(row.get("checker", "")).startswith("python:")}
+    if cfg.evaluate.task_checker.startswith("python:"):
+        checkers.add(cfg.evaluate.task_checker)
+    for checker in checkers:
+        python_checker(checker)
+    if "evaluate" in stages and any(s.kind == "code" for s in suites):
+        from sa_sft.evaluate.sandbox import check_isolation
+        check_isolation()
+
+
+def check_local_ranks(cfg: Config) -> None:
+    """torchrun and deepspeed start every rank on this node: one device (or core) each at least."""
+    if cfg.train.launcher not in ("torchrun", "deepspeed"):
+        return
+    if cfg.train.device == "cuda":
+        import torch
+        have, what = torch.cuda.device_count(), "GPU(s)"
+    else:
+        have, what = os.cpu_count() or 1, "CPU cores"
+    if cfg.train.ranks > have:
+        raise UserError(f"config key train.ranks ({cfg.train.ranks}) is more than the {have} {what} of this node; "
+                        "lower it, or spread ranks over nodes with train.launcher=srun or ray")

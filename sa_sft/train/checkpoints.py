@@ -1,0 +1,63 @@
+"""When the trainer saves a checkpoint, where a rerun resumes, and which checkpoints are kept.
+
+No DeepSpeed in here: each decision is a small function of the step counts and of what is on
+disk, so it is tested on its own. The trainer (recipe.py) carries them out.
+"""
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sa_sft.io import atomic_write_text
+from sa_sft.rundir import CheckpointDir
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """`train.checkpoint_every` steps (0: only at the end), on a stop request, and after the last step,
+    so a failure after training (the export, its check) never costs the training again."""
+    every: int
+    total_steps: int
+
+    def due(self, step: int, stop_requested: bool = False) -> bool:
+        """Save after the optimizer step that brought the count of finished steps to `step`?"""
+        if step >= self.total_steps:
+            return True
+        return stop_requested or bool(self.every and step % self.every == 0)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a (re)started trainer begins: the newest complete checkpoint, if any, and the folders of
+    saves a crash cut short (newer than `latest`; never loaded, removed before training)."""
+    tag: str | None
+    discard: list[str] = field(default_factory=list)
+
+
+def plan_resume(ckpts: CheckpointDir) -> ResumePlan:
+    """`latest` is written (atomically, by rank 0) only after every rank finished saving, so the tag
+    it names is whole; any checkpoint folder newer than it is a save that was cut short."""
+    latest = ckpts.latest()
+    return ResumePlan(tag=latest, discard=[tag for tag in ckpts.tags() if tag > (latest or "")])
+
+
+def discard(ckpts: CheckpointDir, tags: list[str]) -> None:
+    for tag in tags:
+        shutil.rmtree(ckpts.folder(tag), ignore_errors=True)
+
+
+def prune(ckpts: CheckpointDir, keep_last: int) -> list[str]:
+    """Remove all but the newest `keep_last` checkpoints (never the one `latest` names); returns the removed tags."""
+    tags = ckpts.tags()
+    keep = set(tags[-keep_last:]) | {ckpts.latest()}
+    removed = [tag for tag in tags if tag not in keep]
+    discard(ckpts, removed)
+    return removed
+
+
+def trim_metrics(path: Path, upto_step: int) -> None:
+    """On resume, drop metric lines past the checkpoint so the curve continues without repeats."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= upto_step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

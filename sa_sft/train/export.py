@@ -1,0 +1,84 @@
+"""The exported model and its exact check.
+
+The export is a Hugging Face folder (safetensors, config, tokenizer, chat template, generation
+config) written atomically. The check compares every exported tensor with the trained
+engine's own parameter, one tensor at a time: bit for bit, at any precision, with no second
+copy of the model and no forward pass (two bf16 forward passes differ by rounding noise, so a
+logit comparison cannot tell a broken export from a correct one).
+"""
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from sa_sft.io import atomic_dir, atomic_write_json
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it, from the index (sharded) or the headers."""
+    folder = Path(folder)
+    index = folder / SAFETENSORS_INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    from safetensors import safe_open
+
+    files = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            files.update({name: path for name in f.keys()})
+    return files
+
+
+def compare_tensors(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
+    """Compare each (name, tensor) with the exported tensor of that name, reading one at a time.
+
+    Returns {"tensors": compared, "max_abs_diff", "mismatched": ["name: why", ...]}. Names only
+    the caller knows are reported missing; the caller checks the other direction."""
+    from safetensors import safe_open
+
+    files = tensor_files(folder)
+    compared, max_diff, mismatched = 0, 0.0, []
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for name, tensor in tensors:
+            if name not in files:
+                mismatched.append(f"{name}: not in the export")
+                continue
+            path = files[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+            exported = handles[path].get_tensor(name)
+            tensor = tensor.detach().to("cpu")
+            compared += 1
+            if exported.shape != tensor.shape or exported.dtype != tensor.dtype:
+                mismatched.append(f"{name}: exported {tuple(exported.shape)} {exported.dtype}, "
+                                  f"trained {tuple(tensor.shape)} {tensor.dtype}")
+            elif not torch.equal(exported, tensor):
+                diff = (exported.double() - tensor.double()).abs().max().item()
+                max_diff = max(max_diff, diff)
+                mismatched.append(f"{name}: max |difference| {diff:.3g}")
+    return {"tensors": compared, "max_abs_diff": max_diff, "mismatched": mismatched}
+
+
+def merge_checks(parts: list[dict], expected: set[str], folder: Path) -> dict:
+    """One verdict from every rank's share: also every tensor of the export must be a trained one."""
+    unexpected = sorted(set(tensor_files(folder)) - expected)
+    return {"tensors": sum(p["tensors"] for p in parts),
+            "max_abs_diff": max((p["max_abs_diff"] for p in parts), default=0.0),
+            "mismatched": [m for p in parts for m in p["mismatched"]]
+            + [f"{name}: in the export but not a trained parameter or buffer" for name in unexpected]}
+
+
+def write_export(model, state_dict: dict, tokenizer, final_dir: Path, record_name: str, record: dict) -> None:
+    """Write the Hugging Face folder from a full state dict, atomically; the record last, inside it."""
+    with atomic_dir(final_dir) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="2GB")
+        tokenizer.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        atomic_write_json(tmp / record_name, record)

@@ -1,0 +1,392 @@
+"""Full-parameter SFT with DeepSpeed ZeRO, one rank of it, as a recipe that reads top to bottom:
+
+    recipe = SFTRecipe(cfg, run)
+    recipe.setup()      distributed, data, model and engine, resume from the latest checkpoint
+    recipe.train()      the steps, metrics, checkpoints (CheckpointPolicy), a stop signal honoured
+    recipe.export()     the Hugging Face folder, then every tensor checked against the engine's
+
+SIGTERM or SIGUSR1 (preemption, scancel, Slurm's time-limit warning) makes every rank finish
+the current step, save a checkpoint and exit with EXIT_INTERRUPTED; a rerun resumes there.
+The parts without DeepSpeed in them (lr schedule, checkpoint policy and resume decision,
+freezing, the export comparison) live in their own functions and are tested alone.
+"""
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+
+from sa_sft import signals
+from sa_sft.chat import pad_token_id
+from sa_sft.config import Config
+from sa_sft.errors import StageFailed, UserError
+from sa_sft.hardware import node_name, torch_dtype
+from sa_sft.io import atomic_write_json, read_json
+from sa_sft.models import resolve_model
+from sa_sft.rundir import RunDir
+from sa_sft.train import checkpoints
+from sa_sft.train.checkpoints import CheckpointPolicy
+
+log = logging.getLogger("sa_sft.train")
+
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, resumable
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StopRequest:
+    """Remembers a stop signal; ranks agree on it at step boundaries, so all save the same checkpoint."""
+
+    def __init__(self):
+        self.signal = 0
+        signals.install(self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def agreed(self, device) -> int:
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.signal], dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def distributed_env() -> None:
+    """torch.distributed reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under plain srun map them from SLURM_*."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def setup_logging(rank: int, log_file) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
+                        format="%(asctime)s %(name)s [rank %(rank)s] %(message)s".replace("%(rank)s", str(rank)))
+
+
+def measure_peak_flops(dtype, device: str) -> float:
+    """A dense matmul's FLOP/s on this device and thread count: the MFU denominator."""
+    size = 8192 if device == "cuda" else 1024
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    best = 0.0
+    for _ in range(3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ a
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
+    return best
+
+
+def check_rank_rows(rows_per_rank: int, tcfg) -> None:
+    """A rank needs at least one optimizer step of samples (checked by the train stage before launching, too)."""
+    per_step = tcfg.micro_batch_size * tcfg.gradient_accumulation_steps
+    if rows_per_rank < per_step:
+        raise UserError(f"the mix holds {rows_per_rank} samples per rank, less than one optimizer step "
+                        f"(train.micro_batch_size x train.gradient_accumulation_steps = {per_step}); "
+                        "lower them or add task data")
+
+
+class SFTRecipe:
+    def __init__(self, cfg: Config, run: RunDir):
+        self.cfg, self.tcfg, self.run = cfg, cfg.train, run
+        self.stop = StopRequest()
+        self.step = 0
+
+    # ---- setup
+    def setup(self) -> None:
+        self.setup_distributed()
+        self.setup_data()
+        self.setup_model()
+        self.resume()
+
+    def setup_distributed(self) -> None:
+        import deepspeed
+        import torch.distributed as dist
+
+        distributed_env()
+        deepspeed.init_distributed(dist_backend="gloo" if self.tcfg.device == "cpu" else "nccl")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        setup_logging(self.rank, self.run.train_log)
+        if self.tcfg.device == "cpu":
+            torch.set_num_threads(self.tcfg.threads_per_rank)
+        else:
+            # Modulo: a launcher may give each rank only its own GPU (Ray, srun --gpus-per-task).
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        # After set_device: with NCCL, object collectives run on the current GPU.
+        self.placement = [None] * self.world
+        dist.all_gather_object(self.placement, {"rank": self.rank, "host": node_name(),
+                                                "ray_node": os.environ.get("SA_SFT_RAY_NODE_ID")})
+        if self.rank == 0:
+            log.info("ranks: %s", ", ".join(f"{p['rank']}@{p['host']}" for p in self.placement))
+
+    def setup_data(self) -> None:
+        """This rank's shard of the mix, in an order that is a pure function of (seed, epoch, rank)."""
+        from datasets import load_from_disk
+        from transformers import AutoTokenizer
+
+        from sa_sft.train.data import RankData
+
+        mix = self.run.manifest("mix")
+        if mix["ranks"] != self.world:
+            raise UserError(f"the mix was split for {mix['ranks']} ranks but {self.world} are running; "
+                            f"rerun mix with train.ranks={self.world}")
+        check_rank_rows(mix["rows_per_rank"], self.tcfg)
+        self.dataset = load_from_disk(str(self.run.rank_data(self.rank)))
+        self.model_path = resolve_model(self.cfg.model.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.cfg.model.trust_remote_code)
+        self.data = RankData(self.dataset, self.tcfg.micro_batch_size, self.tcfg.gradient_accumulation_steps,
+                             self.cfg.seed, self.rank, pad_token_id(self.tokenizer), packed=mix.get("packed", False))
+        self.total_steps = self.tcfg.max_steps or self.tcfg.epochs * self.data.steps_per_epoch
+        self.policy = CheckpointPolicy(self.tcfg.checkpoint_every, self.total_steps)
+
+    def setup_model(self) -> None:
+        """Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained partition the weights as they load."""
+        import deepspeed
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from sa_sft.train.ds_config import build_ds_config
+        from sa_sft.train.freezing import freeze_parameters
+
+        tcfg, trust = self.tcfg, self.cfg.model.trust_remote_code
+        model_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust)
+        ds_config = build_ds_config(tcfg, model_config.hidden_size)
+        self.zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if self.zero_stage == 3 else None  # must stay alive
+        dtype = torch_dtype(tcfg.precision)
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype, trust_remote_code=trust,
+                                                     use_safetensors=True, attn_implementation=tcfg.attn_implementation)
+        model.config.use_cache = False
+        frozen = freeze_parameters(model, tcfg)
+        numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        self.num_params = sum(numel(p) for p in model.parameters())
+        trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        if frozen:
+            log.info("froze %d tensors; %.1fM of %.1fM parameters train", len(frozen), trainable / 1e6,
+                     self.num_params / 1e6)
+        self.peak_flops = tcfg.peak_tflops * 1e12 or measure_peak_flops(dtype, "cuda" if tcfg.device == "cuda" else "cpu")
+        self.schedule = lambda step: lr_factor(step, tcfg.warmup_steps, self.total_steps, tcfg.lr_schedule,
+                                               tcfg.min_lr_ratio)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, self.schedule))
+        self.model = model
+        log.info("training %s (%.1fM params) with ZeRO-%d on %d %s rank(s): %d samples/rank, %d steps/epoch, %d steps",
+                 self.model_path.name, self.num_params / 1e6, self.zero_stage, self.world, tcfg.device,
+                 len(self.dataset), self.data.steps_per_epoch, self.total_steps)
+
+    def resume(self) -> None:
+        """From the latest complete checkpoint: weights, optimizer, scheduler, this rank's RNG; the data
+        position is the step itself."""
+        import torch.distributed as dist
+
+        ckpts = self.run.checkpoints
+        plan = checkpoints.plan_resume(ckpts)
+        if self.rank == 0 and plan.discard:
+            checkpoints.discard(ckpts, plan.discard)
+            for tag in plan.discard:
+                log.warning("removed %s: its save was cut short (not named by %s)", ckpts.folder(tag), ckpts.latest_file)
+        dist.barrier()
+        if plan.tag:
+            _, client_state = self.engine.load_checkpoint(str(ckpts.path), tag=plan.tag)
+            self.step = client_state["step"]
+            rng = torch.load(ckpts.rng_state(plan.tag, self.rank), weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            log.info("resumed from %s at step %d", plan.tag, self.step)
+        self.saved_at = self.step if plan.tag else -1
+        if self.rank == 0:
+            checkpoints.trim_metrics(self.run.metrics, self.step)
+
+    # ---- training
+    def train_step(self) -> dict:
+        """One optimizer step (grad_accum micro-batches); the loss, tokens and samples summed over ranks."""
+        import torch.distributed as dist
+
+        t0 = time.time()
+        batches = self.data.micro_batches(self.step)
+        data_wait = time.time() - t0
+        device = self.engine.device
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, real tokens, samples
+        for batch in batches:
+            real_tokens, samples = batch.pop("real_tokens"), batch.pop("num_samples")
+            loss = self.engine(**{k: v.to(device) for k, v in batch.items()}).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            stats += torch.tensor([loss.item(), real_tokens.sum().item(), samples], dtype=torch.float64, device=device)
+        dist.all_reduce(stats)
+        seconds = time.time() - t0
+        self.step += 1
+        return {"loss_sum": stats[0].item(), "tokens": stats[1].item(), "samples": stats[2].item(),
+                "micro_batches": len(batches), "seconds": seconds, "data_wait": data_wait}
+
+    def metrics(self, done: dict) -> dict:
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "step": self.step, "epoch": (self.step - 1) // self.data.steps_per_epoch,
+            "loss": round(done["loss_sum"] / (done["micro_batches"] * self.world), 6),
+            "lr": self.tcfg.learning_rate * self.schedule(self.step - 1),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": round(done["tokens"] / done["seconds"], 1),
+            "mfu": round(6 * self.num_params * done["tokens"] / done["seconds"] / (self.peak_flops * self.world), 4),
+            "samples_per_s": round(done["samples"] / done["seconds"], 2),
+            "step_seconds": round(done["seconds"], 3),
+            "data_wait_s": round(done["data_wait"], 4),
+        }
+
+    def save_checkpoint(self) -> None:
+        """Every rank saves its part; only then does rank 0 name it `latest`, the one to resume from."""
+        import torch.distributed as dist
+
+        if self.step == self.saved_at:
+            return
+        self.saved_at = self.step
+        ckpts = self.run.checkpoints
+        tag = ckpts.tag(self.step)
+        ckpts.folder(tag).mkdir(parents=True, exist_ok=True)
+        torch.save({"torch": torch.get_rng_state()}, ckpts.rng_state(tag, self.rank))
+        self.engine.save_checkpoint(str(ckpts.path), tag=tag, client_state={"step": self.step}, save_latest=False)
+        dist.barrier()
+        if self.rank == 0:
+            ckpts.set_latest(tag)
+            checkpoints.prune(ckpts, self.tcfg.keep_last)
+        dist.barrier()
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        writer = progress = None
+        if self.rank == 0:
+            progress = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True)
+            if self.tcfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+                writer = SummaryWriter(str(self.run.tensorboard), purge_step=self.step + 1)
+        self.engine.train()
+        while self.step < self.total_steps:
+            done = self.train_step()
+            if self.rank == 0 and (self.step % self.tcfg.log_every == 0 or self.step == self.total_steps):
+                record = self.metrics(done)
+                with open(self.run.metrics, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if writer:
+                    for key, value in record.items():
+                        if key != "step" and value is not None:
+                            writer.add_scalar(f"train/{key}", value, self.step)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if progress:
+                progress.update(1)
+            stop = self.stop.agreed(self.engine.device)
+            if self.policy.due(self.step, bool(stop)):
+                self.save_checkpoint()
+            if stop and self.step < self.total_steps:
+                if self.rank == 0:
+                    atomic_write_json(self.run.interrupted, {"signal": signals.name(stop), "step": self.step})
+                    log.warning("%s: stopped at step %d of %d; checkpoint saved, a rerun resumes here",
+                                signals.name(stop), self.step, self.total_steps)
+                if progress:
+                    progress.close()
+                sys.exit(EXIT_INTERRUPTED)
+        if progress:
+            progress.close()
+        if writer:
+            writer.close()
+        self.save_checkpoint()  # a no-op unless resumed past the end without one
+
+    # ---- export
+    def export_record(self) -> dict:
+        return {"steps": self.step, "checkpoint": self.run.checkpoints.latest(), "num_params": self.num_params,
+                "zero_stage": self.zero_stage, "ranks": self.world, "placement": self.placement,
+                "precision": self.tcfg.precision, "base_model": str(self.model_path)}
+
+    def export(self) -> None:
+        """Write train/final (rank 0), then check every tensor of it against the engine's parameter.
+
+        An export of this very checkpoint that was already checked is kept as it is (a rerun after a
+        crash at exit); one written but not checked is checked. A mismatch keeps the folder as
+        train/final.rejected and fails with one line; the rerun exports again from the checkpoint."""
+        import torch.distributed as dist
+
+        from sa_sft.train.export import write_export
+
+        record = self.run.export_record
+        previous = read_json(record) if record.exists() else {}
+        same = previous.get("steps") == self.step and previous.get("checkpoint") == self.run.checkpoints.latest()
+        if same and previous.get("check", {}).get("mismatched") == []:
+            log.info("export of step %d already written and checked: %s", self.step, self.run.final)
+            return
+        if not same:
+            state_dict = self.full_state_dict()
+            if self.rank == 0:
+                write_export(self.model, state_dict, self.tokenizer, self.run.final, record.name, self.export_record())
+            del state_dict
+            dist.barrier()
+        check = self.check_export()
+        if self.rank == 0:
+            if check["mismatched"]:
+                import shutil
+                shutil.rmtree(self.run.rejected_export, ignore_errors=True)
+                self.run.final.rename(self.run.rejected_export)
+            else:
+                atomic_write_json(record, {**read_json(record), "check": check})
+        dist.barrier()
+        if check["mismatched"]:
+            raise StageFailed(f"train: the exported model does not hold the trained weights "
+                              f"({'; '.join(check['mismatched'][:3])}{' ...' if len(check['mismatched']) > 3 else ''}); "
+                              f"kept as {self.run.rejected_export}; the final checkpoint is kept, so a rerun "
+                              "exports again without retraining")
+        log.info("exported %s: %d tensors equal to the trained engine's, bit for bit", self.run.final, check["tensors"])
+
+    def full_state_dict(self) -> dict | None:
+        """The whole 16-bit state dict, on rank 0 (None elsewhere)."""
+        if self.zero_stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return self.engine.module.state_dict() if self.rank == 0 else None
+
+    def gathered(self, persistent: set[str]):
+        """(name, full tensor) of every parameter and persistent buffer, one at a time; a rank yields only
+        its share (index modulo world size), but every rank takes part in gathering each parameter."""
+        import deepspeed
+
+        for i, (name, param) in enumerate(self.model.named_parameters()):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if i % self.world == self.rank:
+                    yield name, param.data
+        if self.rank == 0:
+            yield from ((name, buffer) for name, buffer in self.model.named_buffers() if name in persistent)
+
+    def check_export(self) -> dict:
+        """Every rank compares its share of the tensors; rank 0 merges the verdicts and tells every rank."""
+        import torch.distributed as dist
+
+        from sa_sft.train.export import compare_tensors, merge_checks
+
+        state_keys = set(self.model.state_dict())  # parameter and persistent buffer names (no data copied)
+        mine = compare_tensors(self.run.final, self.gathered(state_keys))
+        parts = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        verdict = [merge_checks(parts, state_keys, self.run.final) if self.rank == 0 else None]
+        dist.broadcast_object_list(verdict, src=0)
+        return verdict[0]
