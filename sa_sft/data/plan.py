@@ -14,11 +14,6 @@ def self_samples_needed(cfg: Config, task_rows: int) -> int:
     return round(cfg.mix.self_ratio * task_train_count(cfg, task_rows)) + cfg.data.heldout_self
 
 
-def self_samples_target(cfg: Config, task_rows: int) -> int:
-    """What generation produces: `generate.num_samples`, or with -1 exactly what the mix needs."""
-    return self_samples_needed(cfg, task_rows) if cfg.generate.num_samples < 0 else cfg.generate.num_samples
-
-
 def check_self_supply(cfg: Config, task_rows: int) -> None:
     """Fail before generation if generate.num_samples cannot cover lambda x task rows + the held-out ones."""
     needed = self_samples_needed(cfg, task_rows)

@@ -3,6 +3,7 @@ import copy
 import json
 from pathlib import Path
 
+from sa_sft.config import TrainConfig
 from sa_sft.errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -21,7 +22,7 @@ def load_preset(name_or_path: str) -> tuple[Path, dict]:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
-def auto_values(tcfg, hidden_size: int) -> dict:
+def auto_values(tcfg: TrainConfig, hidden_size: int) -> dict:
     """What each "auto" field becomes, keyed by its dotted path in the DeepSpeed config."""
     h2 = hidden_size * hidden_size
     return {
@@ -59,7 +60,7 @@ def fill_auto(config: dict, values: dict, source: str) -> dict:
     return out
 
 
-def build_ds_config(tcfg, hidden_size: int) -> dict:
+def build_ds_config(tcfg: TrainConfig, hidden_size: int) -> dict:
     path, preset = load_preset(tcfg.deepspeed_config)
     config = fill_auto(preset, auto_values(tcfg, hidden_size), str(path))
     stage = config.get("zero_optimization", {}).get("stage", 0)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -21,7 +22,7 @@ import torch
 
 from sa_sft import signals
 from sa_sft.chat import pad_token_id
-from sa_sft.config import Config
+from sa_sft.config import Config, TrainConfig
 from sa_sft.errors import StageFailed, UserError
 from sa_sft.hardware import node_name, torch_dtype
 from sa_sft.io import atomic_write_json, read_json
@@ -101,7 +102,7 @@ def measure_peak_flops(dtype, device: str) -> float:
     return best
 
 
-def check_rank_rows(rows_per_rank: int, tcfg) -> None:
+def check_rank_rows(rows_per_rank: int, tcfg: TrainConfig) -> None:
     """A rank needs at least one optimizer step of samples (checked by the train stage before launching, too)."""
     per_step = tcfg.micro_batch_size * tcfg.gradient_accumulation_steps
     if rows_per_rank < per_step:
@@ -334,7 +335,10 @@ class SFTRecipe:
         record = self.run.export_record
         previous = read_json(record) if record.exists() else {}
         same = previous.get("steps") == self.step and previous.get("checkpoint") == self.run.checkpoints.latest()
-        if same and previous.get("check", {}).get("mismatched") == []:
+        status = [(same, previous.get("check", {}).get("mismatched") == [])]
+        dist.broadcast_object_list(status, src=0)  # rank 0's reading decides for all (it writes the record)
+        same, checked = status[0]
+        if same and checked:
             log.info("export of step %d already written and checked: %s", self.step, self.run.final)
             return
         if not same:
@@ -346,7 +350,6 @@ class SFTRecipe:
         check = self.check_export()
         if self.rank == 0:
             if check["mismatched"]:
-                import shutil
                 shutil.rmtree(self.run.rejected_export, ignore_errors=True)
                 self.run.final.rename(self.run.rejected_export)
             else:
