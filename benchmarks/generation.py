@@ -53,14 +53,15 @@ def pool_run(cfg, model_path: Path, shards: int, shard_size: int, sampling: dict
 
 
 @torch.no_grad()
-def hf_run(model_path: Path, cfg, shards: int, shard_size: int, sampling: dict, batch_size: int) -> dict:
+def hf_run(model_path: Path, cfg, shards: int, shard_size: int, sampling: dict, batch_size: int,
+           device: str = "cpu") -> dict:
     """The same two-turn self-dialogues with transformers: user turns, then answers, batched."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     dtype = torch.bfloat16 if cfg.generate.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     gen = dict(do_sample=True, temperature=sampling["temperature"], top_p=sampling["top_p"],
                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
@@ -68,7 +69,7 @@ def hf_run(model_path: Path, cfg, shards: int, shard_size: int, sampling: dict, 
         texts, tokens = [], 0
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False)
+                              add_special_tokens=False).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, **gen)[:, batch["input_ids"].shape[1]:]
             for row in out:
                 ids = row.tolist()

@@ -1,5 +1,6 @@
 """The `sa-sft` command: thin argument parsing around the stages."""
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -29,11 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--overwrite", action="store_true",
                        help="rebuild stages whose config or inputs changed instead of refusing")
+        p.add_argument("--dry-run", action="store_true",
+                       help="place the engines and training ranks as this command would (probes, no work) and "
+                            "print, per engine and rank, its node, devices, environment and command, as JSON")
     p = sub.add_parser("slurm", help="inside a Slurm job: run stages over every node of the allocation",
                        description="Inside a Slurm job (see slurm/*.sbatch): check the nodes, then run the stage on "
                                    "the whole allocation: generate on a Ray cluster over the nodes, train with one srun "
                                    "task per rank, evaluate and report on the first node.",
                        epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the nodes, then place the raylets, engines and ranks with probes instead of the "
+                        "work and print what each would see, as JSON")
     p.add_argument("stage", choices=list(SLURM_STEPS), metavar="STEP",
                    help=", ".join(f"{step} ({' + '.join(names) or 'the nodes only'})" for step, names in SLURM_STEPS.items()))
     p.add_argument("config", metavar="CONFIG", help="built-in config name or YAML path")
@@ -50,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset (default: all five)")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild stages whose config or inputs changed instead of refusing")
+    p = sub.add_parser("plan", help="per-GPU memory of training and generation for this model and cluster: does it fit?",
+                       description="Print, per GPU, the memory of parameters, gradients, optimizer states and "
+                                   "activations for training (by ZeRO stage and offload) and of weights and KV cache "
+                                   "per engine for generation, for the configured model (only its config.json is read) "
+                                   "and cluster (cluster.nodes, cluster.gpus_per_node, cluster.gpu_memory_gib); "
+                                   "exit 0 when everything fits, 2 when something cannot.",
+                       epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", metavar="CONFIG", help="built-in config name or YAML path")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p = sub.add_parser("report", help="rebuild the report from a run directory (several: a comparison)",
                        description="rebuild the report (json, markdown) and plots from a run directory's manifests; "
                                    "given several run directories, also their comparison next to them")
@@ -93,18 +109,31 @@ def main(argv: list[str] | None = None) -> int:
             if len(args.run_dir) > 1:
                 from sa_sft.compare import comparison_from_dirs
                 comparison_from_dirs(args.run_dir)
+        elif args.command == "plan":
+            from sa_sft.pipeline.planner import plan_for, refusal, render
+            plan = plan_for(load_config(args.config, args.overrides))
+            print(render(plan), end="")
+            problem = refusal(plan)
+            if problem:
+                raise problem
         elif args.command == "compare":
             from sa_sft.compare import run_compare
             run_compare(args.config, args.overrides, [m for m in args.methods.split(",") if m],
                         overwrite=args.overwrite)
+        elif args.command == "slurm" and args.dry_run:
+            from sa_sft.pipeline.slurm import dry_run_slurm
+            print(json.dumps(dry_run_slurm(args.stage, load_config(args.config, args.overrides)), indent=2))
         elif args.command == "slurm":
             from sa_sft.pipeline.slurm import run_slurm_job
             run_slurm_job(args.stage, load_config(args.config, args.overrides), overwrite=args.overwrite)
         else:
-            from sa_sft.pipeline.runner import run_stages
+            from sa_sft.pipeline.runner import dry_run, run_stages
             cfg = load_config(args.config, args.overrides)
             stages = list(STAGE_NAMES) if args.command == "run" else [args.command]
-            run_stages(cfg, stages, overwrite=args.overwrite)
+            if args.dry_run:
+                print(json.dumps(dry_run(cfg, stages), indent=2))
+            else:
+                run_stages(cfg, stages, overwrite=args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -7,6 +7,7 @@ produces, so they are left out of the stage fingerprints that decide skip/resume
 """
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,15 +75,15 @@ class GenerateConfig:
     near_dup_threshold: float = opt(0.8, min=0.0, max=1.0, help="Jaccard similarity of word 5-grams counted as a near duplicate (1: exact only)")
     contamination_paths: list[str] = opt([], help="JSONL evaluation sets; dialogues sharing a word n-gram with them are rejected")
     contamination_ngram: int = opt(8, min=3, help="n of the contamination n-gram check")
-    engines: int = opt(1, min=1, results=False, help="data-parallel vLLM engines (Ray actors); evaluation's generation suites use them too")
+    engines: int = opt(1, min=1, results=False, help="data-parallel vLLM engines (Ray actors); evaluation scores and answers on them too")
     tensor_parallel_size: int = opt(1, min=1, results=False, help="devices per engine (generation and evaluation)")
-    device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="where engines run (generation and evaluation's generation suites)")
+    device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="where engines run (generation and all of evaluation)")
     cpus_per_engine: int = opt(0, min=0, results=False, help="CPU cores per engine (0: split the machine's cores evenly)")
     kv_cache_gib: float = opt(2.0, min=0.1, results=False, help="CPU KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = opt(0.85, min=0.05, max=1.0, results=False, help="GPU memory share per engine")
     max_num_seqs: int = opt(128, min=1, results=False, help="vLLM batch size cap per engine")
-    enforce_eager: bool = opt(True, results=False, help="skip graph capture/compile (faster start on CPU)")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt("auto", help="engine dtype (auto: bfloat16 where the hardware has fast bf16, else float32)")
+    enforce_eager: Literal["auto", True, False] = opt("auto", results=False, help="skip CUDA graph capture and compilation (auto: on CPU yes, a faster start; on cuda no, faster generation)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt("auto", help="engine dtype, generation and evaluation (auto: bfloat16 where the hardware has fast bf16, else float32)")
     max_shards: int = opt(0, min=0, results=False, help="stop after this many shards even if short (0: 4x the planned count)")
 
 
@@ -99,9 +100,9 @@ class TrainConfig:
     launcher: Literal["torchrun", "deepspeed", "srun", "ray"] = opt(
         "torchrun", results=False,
         help="torchrun/deepspeed: ranks on this node; srun: ranks over the Slurm allocation; ray: ranks as Ray actors")
-    device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="accelerator (cpu uses DeepSpeed's CPU accelerator and gloo); evaluation scores likelihoods there too")
+    device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="accelerator (cpu uses DeepSpeed's CPU accelerator and gloo)")
     deepspeed_config: str = opt("zero3", help="preset in ds_configs/ (zero3, zero2, zero3_offload) or a JSON path")
-    precision: Literal["auto", "bf16", "fp32"] = opt("auto", help="training precision, also evaluation's likelihood scoring (auto: bf16 on GPUs and CPUs with fast bf16, else fp32)")
+    precision: Literal["auto", "bf16", "fp32"] = opt("auto", help="training precision (auto: bf16 on GPUs and CPUs with fast bf16, else fp32)")
     micro_batch_size: int = opt(4, min=1, help="samples per rank per forward pass")
     gradient_accumulation_steps: int = opt(1, min=1, help="micro-batches per optimizer step")
     learning_rate: float = opt(1e-5, min=0.0, help="peak learning rate (AdamW)")
@@ -124,7 +125,10 @@ class TrainConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", help="attention kernel")
     peak_tflops: float = opt(0.0, min=0.0, results=False, help="per-device peak for MFU (0: measure a matmul at start)")
     tensorboard: bool = opt(True, results=False, help="also log the training metrics for TensorBoard (in the train stage's folder)")
-    checkpoint_every: int = opt(0, min=0, results=False, help="DeepSpeed checkpoint every N steps (0: only at the end)")
+    checkpoint_every: int = opt(0, min=0, results=False, help="DeepSpeed checkpoint every N steps (0: by time only)")
+    checkpoint_every_minutes: float = opt(-1.0, min=-1.0, results=False, help="also checkpoint when this many minutes passed since the last one (0: never; -1: 30 on cuda, never on cpu)")
+    gradient_checkpointing: Literal["auto", True, False] = opt(
+        "auto", results=False, help="recompute activations in the backward pass (auto: on for cuda, off on cpu)")
     keep_last: int = opt(2, min=1, results=False, help="checkpoints kept")
     log_every: int = opt(1, min=1, results=False, help="steps per line of the training metrics (JSONL)")
     threads_per_rank: int = opt(1, min=1, results=False, help="torch threads per rank on CPU")
@@ -133,9 +137,7 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = opt(16, min=1, results=False, help="sequences per forward pass when scoring")
     max_seq_len: int = opt(1024, min=8, help="longer held-out samples are truncated")
-    threads: int = opt(0, min=0, results=False, help="torch threads (0: all cores)")
     suites: list[str] = opt([], help="general suites scored before and after: built-ins (mmlu, humaneval) or mc:PATH / gen:PATH JSONL")
     max_items: int = opt(0, min=0, help="items per general suite (0: all)")
     mc_scoring: Literal["text", "letter"] = opt("text", help="multiple choice: most likely option text (cloze) or option letter")
@@ -153,6 +155,9 @@ class ClusterConfig:
     join_timeout_s: int = opt(300, min=1, results=False, help="Slurm: seconds for every node's Ray worker to join")
     port_base: int = opt(0, min=0, max=65000, results=False, help="Slurm: first of the job's ports (0: derived from the job id)")
     ray_object_store_gib: float = opt(2.0, min=0.1, results=False, help="Slurm: Ray object store per node")
+    nodes: int = opt(0, min=0, results=False, help="nodes the run uses, for the planner (0: the Slurm job's, else 1)")
+    gpus_per_node: int = opt(0, min=0, results=False, help="GPUs per node, for the planner (0: this node's)")
+    gpu_memory_gib: float = opt(0.0, min=0.0, results=False, help="memory per GPU in GiB, for the planner (0: this node's)")
 
 
 @dataclass
@@ -230,9 +235,23 @@ def check_consistency(cfg: "Config") -> "Config":
 
 def resolve_auto(cfg: "Config") -> "Config":
     """Replace hardware-dependent `auto` values so the run directory records what really ran."""
-    from sa_sft.hardware import resolve_engine_dtype, resolve_train_precision
+    from sa_sft.hardware import gpu_memory_gib, resolve_engine_dtype, resolve_train_precision, visible_gpus
     cfg.generate.dtype = resolve_engine_dtype(cfg.generate.dtype, cfg.generate.device)
     cfg.train.precision = resolve_train_precision(cfg.train.precision, cfg.train.device)
+    if cfg.generate.enforce_eager == "auto":
+        cfg.generate.enforce_eager = cfg.generate.device == "cpu"
+    on_gpu = cfg.train.device == "cuda"
+    if cfg.train.gradient_checkpointing == "auto":
+        cfg.train.gradient_checkpointing = on_gpu
+    if cfg.train.checkpoint_every_minutes < 0:
+        cfg.train.checkpoint_every_minutes = 30.0 if on_gpu else 0.0
+    c = cfg.cluster
+    if not c.nodes:
+        c.nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    if not c.gpus_per_node:
+        c.gpus_per_node = int(os.environ.get("SLURM_GPUS_ON_NODE") or 0) or visible_gpus()
+    if not c.gpu_memory_gib:
+        c.gpu_memory_gib = gpu_memory_gib()
     return cfg
 
 

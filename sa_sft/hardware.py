@@ -10,7 +10,9 @@ import functools
 import os
 import platform
 import re
+import shutil
 import socket
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
@@ -40,6 +42,32 @@ def resolve_engine_dtype(value: str, device: str) -> str:
     if value != "auto":
         return value
     return "bfloat16" if device == "cuda" or cpu_has_fast_bf16() else "float32"
+
+
+@functools.lru_cache(maxsize=None)
+def _nvidia_smi_memory_mib() -> tuple[int, ...]:
+    """Total memory of each GPU this process may use, from nvidia-smi (no CUDA initialised here)."""
+    if shutil.which("nvidia-smi") is None:
+        return ()
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    sizes = tuple(int(float(line)) for line in out.split() if line.strip().replace(".", "", 1).isdigit())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and all(v.strip().isdigit() for v in visible.split(",") if v.strip()):
+        sizes = tuple(sizes[int(v)] for v in visible.split(",") if v.strip() and int(v) < len(sizes))
+    return sizes
+
+
+def visible_gpus() -> int:
+    return len(_nvidia_smi_memory_mib())
+
+
+def gpu_memory_gib() -> float:
+    sizes = _nvidia_smi_memory_mib()
+    return round(min(sizes) / 1024, 1) if sizes else 0.0
 
 
 def torch_dtype(precision: str):

@@ -371,6 +371,11 @@ class RunDir:
         return self.eval_dir / f"{model}-generations.jsonl"
 
     @property
+    def kl_samples(self) -> Path:
+        """The base model's sampled answers (tokens, log-probabilities) the KL estimate is made on."""
+        return self.eval_dir / "base-kl-samples.jsonl"
+
+    @property
     def retention(self) -> Path:
         return self.eval_dir / "retention.json"
 

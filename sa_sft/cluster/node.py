@@ -44,6 +44,12 @@ def probe(args) -> None:
                       "ports_in_use": [p for p in ports if port_in_use(p)]}), flush=True)
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs Slurm gave this step (its CUDA_VISIBLE_DEVICES): what the raylet declares to Ray, rather
+    than what Ray would detect of the whole node."""
+    return [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+
+
 def ray_temp_dir(job_id: str, index: int) -> Path:
     # Short on purpose: Ray's unix sockets live under it (108-byte path limit).
     return Path(tempfile.gettempdir()) / f"sa_sft_ray_{job_id}_{index}"
@@ -58,7 +64,8 @@ def raylet(args) -> int:
     temp_dir = ray_temp_dir(os.environ.get("SLURM_JOB_ID", "0"), index)
     cmd = [str(Path(sys.executable).with_name("ray")), "start", "--block", "--disable-usage-stats",
            f"--node-ip-address={addresses[nodes[index]]}", f"--temp-dir={temp_dir}",
-           f"--num-cpus={args.num_cpus}", f"--object-store-memory={int(args.object_store_gib * 1024**3)}",
+           f"--num-cpus={args.num_cpus}", f"--num-gpus={len(visible_gpus())}",
+           f"--object-store-memory={int(args.object_store_gib * 1024**3)}",
            f"--node-manager-port={node_ports['node_manager']}", f"--object-manager-port={node_ports['object_manager']}",
            f"--dashboard-agent-grpc-port={node_ports['dashboard_agent_grpc']}",
            f"--dashboard-agent-listen-port={node_ports['dashboard_agent_listen']}",
@@ -104,6 +111,23 @@ def busy(args) -> None:
     print(json.dumps({"node": nodes[node_index(nodes)], "processes": leftovers, "gpu_apps": gpus}), flush=True)
 
 
+def whoami(args) -> None:
+    """What this task of an srun step sees: its Slurm ids, the rendezvous environment the trainer would
+    build from them, its GPUs and the CPUs it may run on (for --dry-run)."""
+    from sa_sft.cluster.slurm import device_of, rank_env_from_slurm
+
+    env = {**os.environ, **rank_env_from_slurm(os.environ)}
+    report = {"node": node_name(), "host": socket.gethostname(), "role": args.role,
+              "SLURM_PROCID": os.environ.get("SLURM_PROCID"), "SLURM_LOCALID": os.environ.get("SLURM_LOCALID"),
+              "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+              "SLURM_GPUS_ON_NODE": os.environ.get("SLURM_GPUS_ON_NODE"),
+              "cpus": sorted(os.sched_getaffinity(0)),
+              "env": {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k in env}}
+    if "LOCAL_RANK" in env:
+        report["gpu"] = device_of(int(env["LOCAL_RANK"]), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    print(json.dumps(report), flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m sa_sft.cluster.node")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,11 +144,15 @@ def main() -> int:
     p.add_argument("--object-store-gib", type=float, required=True)
     p = sub.add_parser("busy")
     p.add_argument("--nodes", required=True)
+    p = sub.add_parser("whoami")
+    p.add_argument("--role", default="task")
     args = parser.parse_args()
     if args.command == "probe":
         probe(args)
     elif args.command == "raylet":
         return raylet(args)
+    elif args.command == "whoami":
+        whoami(args)
     else:
         busy(args)
     return 0

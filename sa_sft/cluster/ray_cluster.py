@@ -15,6 +15,7 @@ from sa_sft.cluster.ports import job_ports
 from sa_sft.cluster.slurm import Allocation, srun_command
 from sa_sft.config import ClusterConfig
 from sa_sft.errors import UserError
+from sa_sft.hardware import node_name
 from sa_sft.rundir import RunDir
 
 log = logging.getLogger("sa_sft.cluster")
@@ -51,6 +52,12 @@ def ray_session(address: str):
     finally:
         ray.shutdown()
         _owned_instance = False
+
+
+def node_label() -> str:
+    """`host/ray-node-id-prefix` of the Ray worker calling it: tells apart logical nodes sharing one host."""
+    import ray
+    return f"{node_name()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
 
 def log_tail(path: Path, lines: int = 3) -> str:
@@ -108,6 +115,11 @@ def check_nodes_free(alloc: Allocation, deadline: float) -> None:
         time.sleep(2.0)
 
 
+def raylet_srun(alloc: Allocation, nodes: list[str]) -> list[str]:
+    """The srun step of the raylets on `nodes`: one task per node holding all its CPUs (and GPUs)."""
+    return srun_command(nodes, cpus_per_task=alloc.cpus_per_node, extra=("--label",))
+
+
 @contextlib.contextmanager
 def ray_on_slurm(alloc: Allocation, ccfg: ClusterConfig, run: RunDir):
     """A Ray cluster over the allocation for the duration: the head on the first node, a worker on every
@@ -126,7 +138,9 @@ def ray_on_slurm(alloc: Allocation, ccfg: ClusterConfig, run: RunDir):
 
     def start(name: str, nodes: list[str]) -> None:
         log_path = run.ray_log(name, alloc.job_id)
-        cmd = srun_command(nodes, extra=("--label",)) + [
+        # Since Slurm 22.05 a step does not inherit the job's cpus-per-task: without it a raylet bound by
+        # task/affinity or cgroups gets one CPU while it advertises the node's.
+        cmd = raylet_srun(alloc, nodes) + [
             sys.executable, "-m", "sa_sft.cluster.node", "raylet", "--nodes", ",".join(alloc.nodes),
             "--addresses", json.dumps(alloc.addresses), "--port-base", str(ports.base),
             "--num-cpus", str(alloc.cpus_per_node), "--object-store-gib", str(ccfg.ray_object_store_gib)]

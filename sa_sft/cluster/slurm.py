@@ -134,3 +134,37 @@ def check_probes(reports: list[dict], run_dir: str) -> None:
 
 def requeue(job_id: str) -> None:
     subprocess.run(["scontrol", "requeue", job_id], check=False)
+
+
+def job_deadline() -> float | None:
+    """When this Slurm job's time limit ends (epoch seconds), or None outside a job or without a limit."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id or shutil.which("scontrol") is None:
+        return None
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    fields = dict(item.split("=", 1) for item in out.split() if "=" in item)
+    return parse_end_time(fields.get("EndTime", ""))
+
+
+def parse_end_time(value: str) -> float | None:
+    """scontrol's EndTime (local time, `2026-11-29T14:30:05`; `Unknown` without a limit)."""
+    import time
+    try:
+        return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def rank_env_from_slurm(env) -> dict:
+    """torch.distributed reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*, DeepSpeed no SLURM_* variable: under
+    plain srun the rank's are mapped from SLURM_PROCID/NTASKS/LOCALID. Empty when a launcher set them."""
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return {}
+    return {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+
+
+def device_of(local_rank: int, visible: str | None) -> str | None:
+    """The physical GPU a rank uses: its LOCAL_RANK among the devices CUDA_VISIBLE_DEVICES lists."""
+    devices = [d for d in (visible or "").split(",") if d.strip()]
+    return devices[local_rank % len(devices)] if devices else None

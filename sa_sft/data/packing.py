@@ -62,9 +62,11 @@ def block_causal_mask(seq_lens: list[int], width: int) -> torch.Tensor:
     return mask
 
 
-def collate(rows: list[dict], pad_id: int, packed: bool) -> dict:
+def collate(rows: list[dict], pad_id: int, packed: bool, varlen: bool = False) -> dict:
     """Right-pad to the longest row. Packed batches get per-sample position ids and a 4D
-    block-diagonal causal mask; plain batches a 2D padding mask."""
+    block-diagonal causal mask, or with `varlen` (FlashAttention-2) position ids alone: the kernel
+    finds each sample's boundaries where they restart at 0 (a padding token, at position 0, is a
+    sequence of its own), with no width x width mask. Plain batches get a 2D padding mask."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -75,13 +77,16 @@ def collate(rows: list[dict], pad_id: int, packed: bool) -> dict:
     real = labels.new_zeros(labels.shape, dtype=torch.bool)
     for i, r in enumerate(rows):
         real[i, :len(r["input_ids"])] = True
-    # real_tokens and num_samples are bookkeeping for the trainer's metrics, not model inputs.
+    # real_tokens, num_samples and loss_tokens are bookkeeping for the trainer, not model inputs. The
+    # loss tokens are the labels the model predicts (each label but a row's first: the shift).
     batch = {"input_ids": ids, "labels": labels, "real_tokens": real,
-             "num_samples": sum(len(r.get("seq_lens") or [0]) for r in rows)}
+             "num_samples": sum(len(r.get("seq_lens") or [0]) for r in rows),
+             "loss_tokens": int((labels[:, 1:] != IGNORE_INDEX).sum())}
     if packed:
         lens = [r.get("seq_lens") or [len(r["input_ids"])] for r in rows]
         batch["position_ids"] = torch.stack([position_ids(l, width) for l in lens])
-        batch["attention_mask"] = torch.stack([block_causal_mask(l, width) for l in lens]).unsqueeze(1)
+        if not varlen:
+            batch["attention_mask"] = torch.stack([block_causal_mask(l, width) for l in lens]).unsqueeze(1)
     else:
         batch["attention_mask"] = real.long()
     return batch

@@ -15,7 +15,7 @@ import ray
 
 from sa_sft.cache import vllm_cache_dir
 from sa_sft.config import GenerateConfig
-from sa_sft.hardware import node_name
+from sa_sft.cluster.ray_cluster import node_label
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,6 @@ class Request:
     kind: str = ""  # what the completion is, for the program that made the request
 
 
-def node_label() -> str:
-    """`host/ray-node-id-prefix`: tells apart logical nodes sharing one host (and real ones)."""
-    return f"{node_name()}/{ray.get_runtime_context().get_node_id()[:8]}"
-
-
 def engine_env(gcfg: GenerateConfig, cpu_ids: list[int] | None = None, threads: int = 0) -> dict:
     """Environment of one engine process: offline, tidy caches; on CPU pinned to `cpu_ids`, or
     `threads` unpinned threads where the node is shared."""
@@ -43,12 +38,14 @@ def engine_env(gcfg: GenerateConfig, cpu_ids: list[int] | None = None, threads: 
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_CACHE_ROOT": vllm_cache_dir(),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "VLLM_LOGGING_LEVEL": "WARNING",
     }
     if gcfg.device == "cpu":
+        # One process: on a few cores vLLM's engine-core and worker processes only compete (on GPUs
+        # vLLM keeps its own multiprocessing, which overlaps scheduling with the GPU's work).
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if cpu_ids:
             bind = f"{cpu_ids[0]}-{cpu_ids[-1]}" if len(cpu_ids) > 1 else str(cpu_ids[0])
             threads = len(cpu_ids)
@@ -168,3 +165,32 @@ class EngineActor:
         outputs = self.llm.generate(token_ids, params, use_tqdm=False)
         return {"tag": tag, "texts": [o.outputs[0].text for o in outputs], "node": node_label(),
                 "tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "seconds": time.time() - started}
+
+    def score(self, sequences: list[list[int]], positions: list[list[int]], tag=None) -> dict:
+        """Log-probabilities of given tokens of given sequences (evaluation): for each sequence, the
+        log-probability of its token at each of `positions` given the tokens before it, from vLLM's
+        prompt log-probabilities (the model's own distribution: no temperature, no filtering)."""
+        from vllm import SamplingParams
+
+        started = time.time()
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in sequences], params, use_tqdm=False)
+        logprobs = [[output.prompt_logprobs[i][ids[i]].logprob for i in where]
+                    for output, ids, where in zip(outputs, sequences, positions)]
+        return {"tag": tag, "logprobs": logprobs, "node": node_label(),
+                "tokens": sum(map(len, sequences)), "seconds": time.time() - started}
+
+    def sample(self, prompts: list[list[int]], max_tokens: int, seeds: list[int], tag=None) -> dict:
+        """One answer per prompt sampled from the model's own distribution (temperature 1, no top-p or
+        top-k), with each sampled token's log-probability: a Monte Carlo sample for KL estimates."""
+        from vllm import SamplingParams
+
+        started = time.time()
+        params = [SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=max_tokens, seed=seed,
+                                 logprobs=0, detokenize=False, stop_token_ids=self.stop_ids) for seed in seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        logprobs = [[step[token].logprob for step, token in zip(o.outputs[0].logprobs, ids)]
+                    for o, ids in zip(outputs, tokens)]
+        return {"tag": tag, "tokens": tokens, "logprobs": logprobs, "node": node_label(),
+                "seconds": time.time() - started}

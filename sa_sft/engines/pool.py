@@ -1,5 +1,9 @@
 """A pool of vLLM engine actors on Ray: work items (shards, chunks of prompts) go to whichever engine
-is idle, a dead engine is replaced and its items re-queued, results stream back as each finishes."""
+is idle, a dead engine is replaced and its items re-queued, results stream back as each finishes.
+
+Where each engine runs is decided by `Placement`, which a dry run uses alone: it places probe
+actors exactly as the engines would be placed and reports what each would see.
+"""
 import contextlib
 import logging
 import os
@@ -10,6 +14,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from sa_sft.cluster.ray_cluster import node_label
 from sa_sft.config import GenerateConfig
 from sa_sft.engines.actor import EngineActor, engine_env, engine_kwargs
 from sa_sft.errors import UserError
@@ -20,19 +25,28 @@ READY_TIMEOUT_S = 1800
 ENGINE_NAMESPACE = "sa_sft"
 
 
-class EnginePool:
-    def __init__(self, gcfg: GenerateConfig, model_path: str, trust_remote_code: bool, seed: int,
-                 own_machine: bool = True, max_model_len: int | None = None):
-        """`own_machine`: the Ray instance is this run's alone (a local one), so engines are pinned to
-        disjoint cores; on a cluster they are spread over the nodes and the OS schedules their threads."""
+def check_resources(gcfg: GenerateConfig) -> None:
+    """Fail at once, not after a placement timeout, when the Ray cluster has too few GPUs in all."""
+    if gcfg.device != "cuda":
+        return
+    needed, have = gcfg.engines * gcfg.tensor_parallel_size, int(ray.cluster_resources().get("GPU", 0))
+    if needed > have:
+        raise UserError(f"engines: generate.engines x generate.tensor_parallel_size = {needed} GPUs, but the Ray "
+                        f"cluster has {have}; lower generate.engines or add nodes")
+
+
+class Placement:
+    """Where each engine runs. `own_machine`: the Ray instance is this run's alone (a local one), so CPU
+    engines are pinned to disjoint cores; on a cluster they are spread over the nodes. On GPUs an
+    engine of tensor_parallel_size 1 is an actor with one GPU (spread over the nodes); a larger one
+    gets a placement group of that many GPUs on one node, where vLLM's Ray executor places its
+    workers, the engine actor itself taking none."""
+
+    def __init__(self, gcfg: GenerateConfig, own_machine: bool):
         self.gcfg = gcfg
         self.own_machine = own_machine
-        self.kwargs = engine_kwargs(gcfg, model_path, trust_remote_code, seed, max_model_len)
         self.placement_groups: list = [None] * gcfg.engines
-        self.started = 0
-        self.actors = [self._start(i) for i in range(gcfg.engines)]
-        self.restarts = 0
-        self.info = self._wait_ready(range(gcfg.engines))
+        check_resources(gcfg)
 
     def _cpu_layout(self, index: int) -> list[int]:
         cores = os.cpu_count() or 1
@@ -47,29 +61,93 @@ class EnginePool:
         total = sum(per_node)
         return max(1, int(min(max(per_node, default=1), total // self.gcfg.engines)))
 
-    def _start(self, index: int):
+    def options(self, index: int) -> dict:
+        """The Ray actor options of engine `index` (creating its placement group when it needs one)."""
         gcfg = self.gcfg
-        self.started += 1
-        # Named so operators (and the fault tests) can find an engine: `ray list actors`, ray.get_actor.
-        options = {"name": f"sa_sft_engine_{index}_{self.started}", "namespace": ENGINE_NAMESPACE}
+        self.release(index)
         if gcfg.device == "cpu" and self.own_machine:
             cpu_ids = self._cpu_layout(index)
-            options.update(num_cpus=len(cpu_ids), runtime_env={"env_vars": engine_env(gcfg, cpu_ids)})
-        elif gcfg.device == "cpu":
+            return dict(num_cpus=len(cpu_ids), runtime_env={"env_vars": engine_env(gcfg, cpu_ids)})
+        if gcfg.device == "cpu":
             cpus = self._cpus_per_engine_on_cluster()
-            options.update(num_cpus=cpus, scheduling_strategy="SPREAD",
-                           runtime_env={"env_vars": engine_env(gcfg, threads=cpus)})
-        elif gcfg.tensor_parallel_size == 1:
-            options.update(num_gpus=1, num_cpus=1, runtime_env={"env_vars": engine_env(gcfg)})
-        else:
-            # vLLM's Ray executor places its tensor-parallel workers in the placement group it runs in.
-            pg = placement_group([{"GPU": 1, "CPU": 1}] * gcfg.tensor_parallel_size, strategy="STRICT_PACK")
-            ray.get(pg.ready(), timeout=READY_TIMEOUT_S)
-            self.placement_groups[index] = pg
-            options.update(num_gpus=0, num_cpus=0, runtime_env={"env_vars": engine_env(gcfg)},
-                           scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_capture_child_tasks=True))
-        return EngineActor.options(**options).remote(self.kwargs, gcfg.fast_top_p and gcfg.device == "cpu")
+            return dict(num_cpus=cpus, scheduling_strategy="SPREAD",
+                        runtime_env={"env_vars": engine_env(gcfg, threads=cpus)})
+        if gcfg.tensor_parallel_size == 1:
+            return dict(num_gpus=1, num_cpus=1, scheduling_strategy="SPREAD",
+                        runtime_env={"env_vars": engine_env(gcfg)})
+        pg = placement_group([{"GPU": 1, "CPU": 1}] * gcfg.tensor_parallel_size, strategy="STRICT_PACK")
+        ready, _ = ray.wait([pg.ready()], timeout=READY_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(pg)
+            raise UserError(f"engines: Ray could not place {gcfg.tensor_parallel_size} GPUs on one node for engine "
+                            f"{index} within {READY_TIMEOUT_S} s; generate.tensor_parallel_size must fit in a node")
+        self.placement_groups[index] = pg
+        return dict(num_gpus=0, num_cpus=0, runtime_env={"env_vars": engine_env(gcfg)},
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=pg, placement_group_capture_child_tasks=True))
+
+    def release(self, index: int) -> None:
+        if self.placement_groups[index] is not None:
+            with contextlib.suppress(Exception):
+                remove_placement_group(self.placement_groups[index])
+            self.placement_groups[index] = None
+
+    def close(self) -> None:
+        for index in range(len(self.placement_groups)):
+            self.release(index)
+
+
+@ray.remote(num_cpus=0)
+def _worker_sees() -> dict:
+    return {"node": node_label(), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+
+
+@ray.remote(max_restarts=0)
+class EngineProbe:
+    """Placed exactly as an engine; reports what the engine (and its tensor-parallel workers) would see."""
+
+    def sees(self, tp_workers: int) -> dict:
+        seen = {"node": node_label(), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "OMP_"))}}
+        if tp_workers > 1:  # as vLLM's Ray executor: one worker per GPU of the engine's placement group
+            seen["workers"] = ray.get([_worker_sees.options(num_gpus=1, num_cpus=1).remote()
+                                       for _ in range(tp_workers)])
+        return seen
+
+
+def dry_run(gcfg: GenerateConfig, own_machine: bool) -> list[dict]:
+    """Place every engine as a real run would, with a probe in its place; starts no vLLM."""
+    placement = Placement(gcfg, own_machine)
+    probes = []
+    try:
+        probes = [EngineProbe.options(**placement.options(i)).remote() for i in range(gcfg.engines)]
+        return [{"engine": i, **seen} for i, seen in
+                enumerate(ray.get([p.sees.remote(gcfg.tensor_parallel_size) for p in probes], timeout=READY_TIMEOUT_S))]
+    finally:
+        for probe in probes:
+            ray.kill(probe)
+        placement.close()
+
+
+class EnginePool:
+    def __init__(self, gcfg: GenerateConfig, model_path: str, trust_remote_code: bool, seed: int,
+                 own_machine: bool = True, max_model_len: int | None = None):
+        self.gcfg = gcfg
+        self.kwargs = engine_kwargs(gcfg, model_path, trust_remote_code, seed, max_model_len)
+        self.placement = Placement(gcfg, own_machine)
+        self.started = 0
+        self.actors = [self._start(i) for i in range(gcfg.engines)]
+        self.restarts = 0
+        self.info = self._wait_ready(range(gcfg.engines))
+
+    def _start(self, index: int):
+        self.started += 1
+        # Named so operators (and the fault tests) can find an engine: `ray list actors`, ray.get_actor.
+        options = {"name": f"sa_sft_engine_{index}_{self.started}", "namespace": ENGINE_NAMESPACE,
+                   **self.placement.options(index)}
+        return EngineActor.options(**options).remote(self.kwargs, self.gcfg.fast_top_p and self.gcfg.device == "cpu")
 
     def _wait_ready(self, indices: Iterable[int]) -> list[dict]:
         refs = [self.actors[i].info.remote() for i in indices]
@@ -83,8 +161,6 @@ class EnginePool:
     def _replace(self, index: int) -> None:
         with contextlib.suppress(Exception):
             ray.kill(self.actors[index])
-        if self.placement_groups[index] is not None:
-            remove_placement_group(self.placement_groups[index])
         self.actors[index] = self._start(index)
         self._wait_ready([index])
 
@@ -125,7 +201,4 @@ class EnginePool:
         for actor in self.actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor)
-        for pg in self.placement_groups:
-            if pg is not None:
-                with contextlib.suppress(Exception):
-                    remove_placement_group(pg)
+        self.placement.close()

@@ -19,7 +19,6 @@ from sa_sft.evaluate.suites import CODE_STOP, Suite, check, extract_number, gen_
 
 log = logging.getLogger("sa_sft.evaluate")
 
-CHUNK = 32
 TASK_SUITE = "task_accuracy"
 BUILTIN_CHECKERS = {"builtin:gsm_symbolic": "numeric"}
 
@@ -50,36 +49,6 @@ def prompt_text(tokenizer, suite: Suite, row: dict) -> str:
     if suite.kind == "code":
         return row["prompt"]
     return render(tokenizer, gen_prompt_messages(row), add_generation_prompt=True)
-
-
-def complete_all(cfg: Config, model_path: Path, tokenizer, suites: list[Suite]) -> dict[str, list[str]]:
-    """Greedy completions for every row of every suite, through one pool of vLLM engines
-    (`generate.engines`, `generate.device`: the same engines as generation)."""
-    from sa_sft.cluster.ray_cluster import ray_session
-    from sa_sft.engines.pool import EnginePool
-
-    chunks = []  # (suite name, first row, prompts, stop)
-    for suite in suites:
-        prompts = [prompt_text(tokenizer, suite, row) for row in suite.rows]
-        stop = CODE_STOP if suite.kind == "code" else []
-        chunks += [(suite.name, i, prompts[i:i + CHUNK], stop) for i in range(0, len(prompts), CHUNK)]
-    texts = {suite.name: [""] * len(suite.rows) for suite in suites}
-    max_tokens = cfg.evaluate.max_new_tokens
-    bar = tqdm(total=sum(len(s.rows) for s in suites), unit="answer", desc=f"evaluate {model_path.name}",
-               dynamic_ncols=True)
-    with ray_session(cfg.cluster.ray_address) as own_machine:
-        pool = EnginePool(cfg.generate, str(model_path), cfg.model.trust_remote_code, cfg.seed,
-                          own_machine=own_machine, max_model_len=cfg.evaluate.max_seq_len + max_tokens)
-        try:
-            call = lambda actor, k: actor.complete.remote(chunks[k][2], max_tokens, chunks[k][3], tag=k)
-            for result in pool.map_work(range(len(chunks)), call):
-                name, first, prompts, _ = chunks[result["tag"]]
-                texts[name][first:first + len(prompts)] = result["texts"]
-                bar.update(len(prompts))
-        finally:
-            pool.close()
-            bar.close()
-    return texts
 
 
 def score_generated(cfg: Config, suite: Suite, completions: list[str]) -> tuple[dict, list[dict]]:

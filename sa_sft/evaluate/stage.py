@@ -1,52 +1,54 @@
 """The evaluate stage: what the fine-tuned model kept and what it learned, against the base.
 
-Per model (base, final), each saved to eval/<model>.json as soon as it is computed, so a
-rerun only scores what is missing:
+Each model (base, final) is served by a pool of vLLM engines (`generate.engines`,
+`generate.tensor_parallel_size`, `generate.device`: the generation engines) that scores and
+answers everything (scoring.py), so no process ever holds a whole model. Per model, saved to
+eval/<model>.json as soon as it is computed, so a rerun only scores what is missing:
   - `task_heldout`: mean NLL of the held-out task answers (in-domain);
   - `self_heldout`: mean NLL of held-out self-dialogues, the base model's own answers
     (reference-free retention);
   - general suites (`evaluate.suites`, e.g. mmlu): accuracy with a 95% Wilson interval;
-  - `task_accuracy`: the held-out task prompts answered greedily by vLLM and checked
-    (`evaluate.task_checker`), with generation and code suites in the same engine pool;
-    every answer is kept in eval/<model>-generations.jsonl.
-Between the two models: the per-token KL(base || final) on the self-dialogues
-(eval/retention.json) and the weights' L2 drift per layer (eval/drift.json). The style gap,
-the base model's NLL on task answers minus on its own answers, says how foreign the task's
-style is to the model: the drift SA-SFT is meant to damp.
+  - `task_accuracy`: the held-out task prompts answered greedily and checked
+    (`evaluate.task_checker`), with generation and code suites; every answer is kept in
+    eval/<model>-generations.jsonl.
+Between the two models: KL(base || final) per token on answers the base model samples for the
+held-out self-dialogues' prompts (eval/retention.json), and the weights' L2 drift per layer
+(eval/drift.json, streamed tensor by tensor). The style gap, the base model's NLL on task answers
+minus on its own answers, says how foreign the task's style is to the model: the drift SA-SFT is
+meant to damp.
 """
 import logging
-import os
 import time
 from pathlib import Path
 
-import torch
+from tqdm import tqdm
 
 from sa_sft.config import Config, section_for_results
-from sa_sft.evaluate.generation import complete_all, score_generated, task_suite
-from sa_sft.evaluate.likelihood import kl_from_base, load_model, score_mc, score_mc_text, token_nll
-from sa_sft.evaluate.suites import load_suite
-from sa_sft.hardware import torch_dtype
-from sa_sft.io import atomic_write_json, atomic_write_jsonl, read_json, sha256_file, sha256_json
+from sa_sft.evaluate import scoring
+from sa_sft.evaluate.generation import prompt_text, score_generated, task_suite
+from sa_sft.evaluate.suites import CODE_STOP, Suite, load_suite
+from sa_sft.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, sha256_file, sha256_json
 from sa_sft.models import model_identity, resolve_model
 from sa_sft.rundir import HELDOUT_SETS, RunDir, Stage
 
 log = logging.getLogger("sa_sft.evaluate")
 
 SUITES = ("task_heldout", "self_heldout")
+CHUNK = 32  # sequences per engine call: small enough to spread over the engines, large enough to batch
 
 
 def inputs(cfg: Config, run: RunDir) -> dict:
     return {"mix": run.fingerprint("mix"),
             "train": run.fingerprint("train") if run.finished("train") else None,
             "model": cfg.model.path, "evaluate": section_for_results(cfg.evaluate),
-            "precision": cfg.train.precision}
+            "dtype": cfg.generate.dtype}
 
 
 def base_fingerprint(cfg: Config, run: RunDir) -> str:
     """The base model's scores depend only on the model, the suites and the held-out data, so runs
     that share those (the methods of `sa-sft compare`) can share eval/base.json."""
-    return sha256_json({"model": model_identity(resolve_model(cfg.model.path)),
-                        "evaluate": section_for_results(cfg.evaluate), "precision": cfg.train.precision,
+    return sha256_json({"model": model_identity(resolve_model(cfg.model.path)), "seed": cfg.seed,
+                        "evaluate": section_for_results(cfg.evaluate), "dtype": cfg.generate.dtype,
                         "heldout": [sha256_file(run.heldout(s)) for s in HELDOUT_SETS if run.heldout(s).exists()]})
 
 
@@ -56,47 +58,91 @@ def cached(path: Path, fingerprint: str) -> dict | None:
     return None
 
 
-def score_model(name: str, path: Path, cfg: Config, heldout: dict, general: list, dtype, run: RunDir) -> dict:
+class Engines:
+    """One model's engine pool for the evaluation: every request goes out in chunks over its engines."""
+
+    def __init__(self, cfg: Config, model_path: Path, own_machine: bool):
+        from sa_sft.engines.pool import EnginePool
+
+        self.name = model_path.name
+        self.pool = EnginePool(cfg.generate, str(model_path), cfg.model.trust_remote_code, cfg.seed,
+                               own_machine=own_machine, max_model_len=cfg.evaluate.max_seq_len + cfg.evaluate.max_new_tokens)
+
+    def _map(self, what: str, count: int, call) -> list[dict]:
+        results = [None] * ((count + CHUNK - 1) // CHUNK)
+        with tqdm(total=count, unit=what, desc=f"evaluate {self.name}", dynamic_ncols=True, leave=False) as bar:
+            for result in self.pool.map_work(range(len(results)), call):
+                results[result["tag"]] = result
+                bar.update(min(CHUNK, count - result["tag"] * CHUNK))
+        return results
+
+    def score(self, requests: scoring.Requests) -> list[list[float]]:
+        seqs, pos = requests.sequences, requests.positions
+        call = lambda actor, k: actor.score.remote(seqs[k * CHUNK:(k + 1) * CHUNK], pos[k * CHUNK:(k + 1) * CHUNK], tag=k)
+        return [lp for r in self._map("seq", len(seqs), call) for lp in r["logprobs"]]
+
+    def sample(self, prompts: list[list[int]], max_tokens: int, seeds: list[int]) -> tuple[list, list]:
+        call = lambda actor, k: actor.sample.remote(prompts[k * CHUNK:(k + 1) * CHUNK], max_tokens,
+                                                    seeds[k * CHUNK:(k + 1) * CHUNK], tag=k)
+        results = self._map("answer", len(prompts), call)
+        return [t for r in results for t in r["tokens"]], [lp for r in results for lp in r["logprobs"]]
+
+    def complete(self, prompts: list[str], max_tokens: int, stop: list[str]) -> list[str]:
+        call = lambda actor, k: actor.complete.remote(prompts[k * CHUNK:(k + 1) * CHUNK], max_tokens, stop, tag=k)
+        return [text for r in self._map("answer", len(prompts), call) for text in r["texts"]]
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def score_model(name: str, engines: Engines, tokenizer, cfg: Config, heldout: dict, general: list[Suite],
+                run: RunDir) -> dict:
+    """Every suite for one model on its engines."""
     started = time.time()
-    tokenizer, model = load_model(path, dtype, cfg.model.trust_remote_code, cfg.train.device)
-    scores = score_likelihood(name, model, tokenizer, cfg, heldout, [s for s in general if s.kind == "mc"])
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the vLLM engines below need the memory
-    generated = [s for s in general if s.kind in ("gen", "code")]
-    if generated:
-        log.info("evaluate: %s: answering %s with vLLM", name, ", ".join(f"{s.name} ({len(s.rows)})" for s in generated))
-        texts = complete_all(cfg, path, tokenizer, generated)
-        records = []
-        for suite in generated:
-            scores[suite.name], suite_records = score_generated(cfg, suite, texts[suite.name])
-            records += suite_records
-            log.info("evaluate: %s on %s: accuracy %.3f %s (n=%d)", name, suite.name, scores[suite.name]["value"],
-                     scores[suite.name]["ci95"], scores[suite.name]["n"])
-        atomic_write_jsonl(run.generations(name), records)
-    return {"model": name, "path": str(path), "seconds": round(time.time() - started, 2), "suites": scores}
-
-
-def score_likelihood(name: str, model, tokenizer, cfg: Config, heldout: dict, general: list) -> dict:
+    ecfg = cfg.evaluate
     scores = {}
     for suite, rows in heldout.items():
         if rows:
-            scores[suite] = token_nll(model, tokenizer, [r["messages"] for r in rows],
-                                      cfg.evaluate.max_seq_len, cfg.evaluate.batch_size)
+            requests = scoring.nll_requests(tokenizer, [r["messages"] for r in rows], ecfg.max_seq_len)
+            scores[suite] = scoring.nll_result(engines.score(requests))
             log.info("evaluate: %s on %s: mean NLL %.4f %s over %d tokens", name, suite,
                      scores[suite]["mean_nll"], scores[suite]["ci95"], scores[suite]["tokens"])
-    for suite in general:
-        scorer = score_mc_text if cfg.evaluate.mc_scoring == "text" else score_mc
-        scores[suite.name] = scorer(model, tokenizer, suite.rows, cfg.evaluate.batch_size)
+    for suite in (s for s in general if s.kind == "mc"):
+        if ecfg.mc_scoring == "text":
+            requests = scoring.mc_text_requests(tokenizer, suite.rows, ecfg.max_seq_len)
+            scores[suite.name] = scoring.mc_text_result(suite.rows, engines.score(requests))
+        else:
+            requests = scoring.mc_letter_requests(tokenizer, suite.rows, ecfg.max_seq_len)
+            scores[suite.name] = scoring.mc_letter_result(suite.rows, engines.score(requests))
         log.info("evaluate: %s on %s: accuracy %.3f %s (n=%d, chance %.2f)", name, suite.name,
                  scores[suite.name]["value"], scores[suite.name]["ci95"], scores[suite.name]["n"],
                  scores[suite.name]["chance"])
-    return scores
+    records = []
+    for suite in (s for s in general if s.kind in ("gen", "code")):
+        prompts = [prompt_text(tokenizer, suite, row) for row in suite.rows]
+        texts = engines.complete(prompts, ecfg.max_new_tokens, CODE_STOP if suite.kind == "code" else [])
+        scores[suite.name], suite_records = score_generated(cfg, suite, texts)
+        records += suite_records
+        log.info("evaluate: %s on %s: accuracy %.3f %s (n=%d)", name, suite.name, scores[suite.name]["value"],
+                 scores[suite.name]["ci95"], scores[suite.name]["n"])
+    if records:
+        atomic_write_jsonl(run.generations(name), records)
+    return {"model": name, "seconds": round(time.time() - started, 2), "suites": scores}
+
+
+def kl_samples(engines: Engines, tokenizer, cfg: Config, rows: list[dict]) -> dict:
+    """The base model's own answers to the held-out self-dialogues' prompts, with their log-probabilities."""
+    prompts, seeds = scoring.kl_prompts(tokenizer, [r["messages"] for r in rows], cfg.evaluate.max_seq_len,
+                                        cfg.generate.max_assistant_tokens, cfg.seed)
+    answers, logprobs = engines.sample(prompts, cfg.generate.max_assistant_tokens, seeds)
+    return {"prompts": prompts, "answers": answers, "logprobs": logprobs}
 
 
 def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
-    torch.set_num_threads(cfg.evaluate.threads or os.cpu_count() or 1)
-    dtype = torch_dtype(cfg.train.precision)
+    from transformers import AutoTokenizer
+
+    from sa_sft.cluster.ray_cluster import ray_session
+
     heldout = {"task_heldout": run.heldout_rows("task"), "self_heldout": run.heldout_rows("self")}
     general = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
     in_domain = task_suite(cfg, heldout["task_heldout"])
@@ -105,26 +151,39 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     if run.finished("train"):
         models["final"] = run.final
     fingerprints = {"base": base_fingerprint(cfg, run), "final": stage.fingerprint}
-    results = {}
-    for name, path in models.items():
-        out = run.scores(name)
-        results[name] = cached(out, fingerprints[name])
-        if results[name] is None:
-            results[name] = {**score_model(name, path, cfg, heldout, general, dtype, run),
-                             "fingerprint": fingerprints[name]}
-            atomic_write_json(out, results[name])
-
+    tokenizer = AutoTokenizer.from_pretrained(models["base"], trust_remote_code=cfg.model.trust_remote_code)
+    results = {name: cached(run.scores(name), fingerprints[name]) for name in models}
+    samples = (read_jsonl(run.kl_samples)[0] if run.kl_samples.exists() else {})
+    if samples.get("fingerprint") != fingerprints["base"]:
+        samples = {}
     retention = cached(run.retention, stage.fingerprint)
-    if retention is None and heldout["self_heldout"] and "final" in models:
-        tokenizer, base = load_model(models["base"], dtype, cfg.model.trust_remote_code, cfg.train.device)
-        _, final = load_model(models["final"], dtype, cfg.model.trust_remote_code, cfg.train.device)
-        retention = {"fingerprint": stage.fingerprint,
-                     **kl_from_base(base, final, tokenizer, [r["messages"] for r in heldout["self_heldout"]],
-                                    cfg.evaluate.max_seq_len, max(1, cfg.evaluate.batch_size // 4))}
-        del base, final
-        atomic_write_json(run.retention, retention)
-        log.info("evaluate: KL(base || final) on the base model's own answers: %.5f %s per token",
-                 retention["mean_kl"], retention["ci95"])
+    want_kl = bool(heldout["self_heldout"]) and "final" in models
+    with ray_session(cfg.cluster.ray_address) as own_machine:
+        for name, path in models.items():
+            needs_samples = name == "base" and want_kl and not samples
+            needs_kl = name == "final" and want_kl and retention is None
+            if results[name] is not None and not needs_samples and not needs_kl:
+                continue
+            log.info("evaluate: %s: starting %d vLLM engine(s) for %s", name, cfg.generate.engines, path)
+            engines = Engines(cfg, Path(path), own_machine)
+            try:
+                if results[name] is None:
+                    results[name] = {**score_model(name, engines, tokenizer, cfg, heldout, general, run),
+                                     "path": str(path), "fingerprint": fingerprints[name]}
+                    atomic_write_json(run.scores(name), results[name])
+                if needs_samples:
+                    samples = {"fingerprint": fingerprints["base"],
+                               **kl_samples(engines, tokenizer, cfg, heldout["self_heldout"])}
+                    atomic_write_jsonl(run.kl_samples, [samples])
+                if needs_kl:
+                    final_logprobs = engines.score(scoring.kl_requests(samples["prompts"], samples["answers"]))
+                    retention = {"fingerprint": stage.fingerprint,
+                                 **scoring.kl_result(samples["logprobs"], final_logprobs)}
+                    atomic_write_json(run.retention, retention)
+                    log.info("evaluate: KL(base || final) per token on the base model's own answers: %.5f %s",
+                             retention["mean_kl"], retention["ci95"])
+            finally:
+                engines.close()
     drift = None
     if cfg.evaluate.drift and "final" in models:
         from sa_sft.evaluate.drift import weight_drift

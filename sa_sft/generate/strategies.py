@@ -13,12 +13,12 @@ step), so a shard's content does not depend on which engine ran it.
 - `rewrite` (SDFT-style self-distillation): for each task row the model rewrites the
   reference answer in its own words; a rewrite that fails the check keeps the original.
 """
-import hashlib
 import re
 from dataclasses import dataclass, field
 
 from sa_sft.chat import assistant_prompt, user_turn_prefix
 from sa_sft.engines.actor import Request
+from sa_sft.seeds import derive_seed
 
 TOPIC_PROMPT = "Name one topic that people often ask an AI assistant about. Reply with the topic only, in a few words."
 QUESTION_PROMPT = ("Write one question that a user might ask an AI assistant about {topic}. "
@@ -26,12 +26,6 @@ QUESTION_PROMPT = ("Write one question that a user might ask an AI assistant abo
 REWRITE_PROMPT = ("Here is a question and a reference answer.\n\nQuestion:\n{question}\n\nReference answer:\n{reference}\n\n"
                   "Rewrite the reference answer in your own words. Keep every step and the final answer exactly, "
                   "including its last line. Reply with the rewritten answer only.")
-
-
-def derive_seed(*parts) -> int:
-    """A 31-bit seed that is a pure function of its parts (run seed, stage, shard, item, step)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,11 @@ from sa_sft.models import resolve_model
 def preflight(cfg: Config, stages: list[str]) -> None:
     check_local_ranks(cfg)
     model_path = resolve_model(cfg.model.path)
+    if cfg.train.device == "cuda" or cfg.generate.device == "cuda":
+        from sa_sft.pipeline.planner import plan_for, refusal
+        problem = refusal(plan_for(cfg))
+        if problem:
+            raise problem
     task_rows = len(read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes).rows)
     if "mix" in stages:  # generating fewer self-dialogues than a later mix needs is a choice, not an error
         check_self_supply(cfg, task_rows)
@@ -22,6 +27,7 @@ def preflight(cfg: Config, stages: list[str]) -> None:
     from sa_sft.train.freezing import check_freeze_settings
     load_preset(cfg.train.deepspeed_config)
     check_freeze_settings(cfg.train, model_path)
+    check_attention(cfg)
     from sa_sft.evaluate.suites import load_suite, python_checker
     suites = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
     checkers = {row["checker"] for s in suites for row in s.rows if str(row.get("checker", "")).startswith("python:")}
@@ -46,3 +52,17 @@ def check_local_ranks(cfg: Config) -> None:
     if cfg.train.ranks > have:
         raise UserError(f"config key train.ranks ({cfg.train.ranks}) is more than the {have} {what} of this node; "
                         "lower it, or spread ranks over nodes with train.launcher=srun or ray")
+
+
+def check_attention(cfg: Config) -> None:
+    """FlashAttention-2 runs on GPUs only, from the `flash-attn` package (the `flash` extra)."""
+    import importlib.util
+
+    if cfg.train.attn_implementation != "flash_attention_2":
+        return
+    if cfg.train.device != "cuda":
+        raise UserError("config key train.attn_implementation=flash_attention_2 needs train.device=cuda; "
+                        "use sdpa on CPU")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("config key train.attn_implementation=flash_attention_2 needs the flash-attn package: "
+                        "pip install --no-build-isolation 'sa-sft[flash]' (or use sdpa)")

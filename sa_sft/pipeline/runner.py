@@ -56,3 +56,21 @@ def run_stages(cfg: Config, stages: list[str], overwrite: bool = False) -> dict:
             report = write_report(run)
     log.info("report: %s", run.report_md)
     return report
+
+
+def dry_run(cfg: Config, stages: list[str]) -> dict:
+    """What the stages would start, and where, without running them: the engines placed as probes on
+    Ray (their nodes and devices), the training ranks placed by their launcher. Writes nothing."""
+    from sa_sft.cluster.ray_cluster import ray_session
+    from sa_sft.engines.pool import dry_run as engines_dry_run
+    from sa_sft.train.launchers import dry_run as ranks_dry_run
+
+    preflight(cfg, stages)
+    run = RunDir(cfg.output_dir)
+    report = {}
+    if {"generate", "evaluate"} & set(stages):
+        with ray_session(cfg.cluster.ray_address) as own_machine:
+            report["engines"] = engines_dry_run(cfg.generate, own_machine)
+    if "train" in stages:
+        report["train"] = ranks_dry_run(cfg, run)
+    return report

@@ -69,7 +69,40 @@ def run_on_allocation(alloc: Allocation, step: str, cfg: Config, run: RunDir, ov
                 run_stages(dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, ray_address=address)),
                            names, overwrite)
     except Interrupted as stop:
-        if stop.signal_name == "SIGUSR1" and os.environ.get("SLURM_JOB_ID"):
+        # USR1: Slurm's warning before the time limit; TIME_LIMIT: the trainer stopped in time by itself.
+        if stop.signal_name in ("SIGUSR1", "TIME_LIMIT") and os.environ.get("SLURM_JOB_ID"):
             log.warning("slurm: time limit near; requeueing job %s to resume", alloc.job_id)
             requeue(alloc.job_id)
         raise
+
+
+def dry_run_slurm(step: str, cfg: Config) -> dict:
+    """`sa-sft slurm STEP --dry-run`: check the nodes, then place everything the step would start, for
+    real but with probes in place of the work: the raylets' srun step (what CPUs and GPUs each node's
+    Ray gets), the Ray cluster over the allocation with an engine probe where each engine would run,
+    and the trainer's srun step (what each rank would see). Trains and generates nothing."""
+    import subprocess
+    import sys
+
+    from sa_sft.cluster.ray_cluster import ray_on_slurm, ray_session, raylet_srun
+    from sa_sft.engines.pool import dry_run as engines_dry_run
+    from sa_sft.train.launchers import dry_run as ranks_dry_run, parse_probe_lines
+
+    alloc = current_allocation()
+    cfg = dataclasses.replace(cfg, output_dir=str(Path(cfg.output_dir).resolve()),
+                              train=dataclasses.replace(cfg.train, launcher="srun"))
+    run = RunDir(cfg.output_dir).create()
+    check_nodes(alloc, cfg, run)
+    specs = selected(SLURM_STEPS[step])
+    report = {"job": alloc.job_id, "nodes": alloc.nodes, "addresses": alloc.addresses,
+              "stages": [s.name for s in specs]}
+    if any(s.on_slurm == "ray" for s in specs):
+        step_cmd = raylet_srun(alloc, alloc.nodes)
+        probe = subprocess.run(step_cmd + [sys.executable, "-m", "sa_sft.cluster.node", "whoami", "--role", "raylet"],
+                               capture_output=True, text=True, timeout=300)
+        report["raylets"] = {"command": step_cmd, "nodes": parse_probe_lines(probe.stdout)}
+        with ray_on_slurm(alloc, cfg.cluster, run) as address, ray_session(address) as own_machine:
+            report["engines"] = engines_dry_run(cfg.generate, own_machine)
+    if any(s.on_slurm == "ranks" for s in specs):
+        report["train"] = ranks_dry_run(cfg, run)
+    return report

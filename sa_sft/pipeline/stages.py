@@ -24,8 +24,8 @@ class StageSpec:
     help: str
     outputs: Callable   # RunDir -> the main paths it leaves in the run directory (besides its manifest)
     slurm_step: str     # the `sa-sft slurm STEP` (and slurm/STEP.sbatch) that runs it
-    on_slurm: str       # "ray": on a Ray cluster over the allocation; "ranks": one srun task per rank;
-                        # "head": on the job's first node
+    on_slurm: str       # "ray": its engines on a Ray cluster over the allocation; "ranks": one srun task
+                        # per rank; "head": on the job's first node
     ray_job: bool = True  # may run as a Ray job (launchers/ray_submit.py --stage NAME)
 
     def load(self) -> ModuleType:
@@ -50,7 +50,7 @@ STAGES = (
     StageSpec("evaluate", "sa_sft.evaluate.stage",
               "score the base and the fine-tuned model on held-out task data, self-dialogues and general suites",
               lambda run: (run.scores("base"), run.scores("final"), run.retention, run.drift),
-              slurm_step="evaluate", on_slurm="head"),
+              slurm_step="evaluate", on_slurm="ray"),
 )
 STAGE_NAMES = tuple(spec.name for spec in STAGES)
 # `sa-sft slurm STEP`: the stages each step runs; `check` only checks the nodes, `run` does everything.

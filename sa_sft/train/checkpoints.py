@@ -14,16 +14,33 @@ from sa_sft.rundir import CheckpointDir
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
-    """`train.checkpoint_every` steps (0: only at the end), on a stop request, and after the last step,
-    so a failure after training (the export, its check) never costs the training again."""
+    """`train.checkpoint_every` steps and `train.checkpoint_every_minutes` (0: off), on a stop request,
+    and after the last step, so a failure after training (the export, its check) never costs the
+    training again."""
     every: int
     total_steps: int
+    every_seconds: float = 0.0
 
-    def due(self, step: int, stop_requested: bool = False) -> bool:
+    def time_due(self, seconds_since_save: float) -> bool:
+        return bool(self.every_seconds) and seconds_since_save >= self.every_seconds
+
+    def due(self, step: int, stop_requested: bool = False, time_due: bool = False) -> bool:
         """Save after the optimizer step that brought the count of finished steps to `step`?"""
         if step >= self.total_steps:
             return True
-        return stop_requested or bool(self.every and step % self.every == 0)
+        return stop_requested or time_due or bool(self.every and step % self.every == 0)
+
+
+# Seconds kept in hand before a job's time limit, besides the next step and a save.
+DEADLINE_MARGIN_S = 60
+
+
+def near_deadline(seconds_left: float | None, save_seconds: float, step_seconds: float) -> bool:
+    """Stop now (checkpoint, exit, requeue) if another step and then a save might not finish before the
+    job's time limit. `save_seconds` is the last checkpoint's measured save time."""
+    if seconds_left is None:
+        return False
+    return seconds_left < 1.5 * save_seconds + 2 * step_seconds + DEADLINE_MARGIN_S
 
 
 @dataclass(frozen=True)

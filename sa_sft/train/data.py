@@ -13,7 +13,7 @@ def epoch_order(num_rows: int, seed: int, epoch: int, rank: int) -> list[int]:
 
 class RankData:
     def __init__(self, dataset, micro_batch_size: int, grad_accum: int, seed: int, rank: int, pad_id: int,
-                 packed: bool):
+                 packed: bool, varlen: bool = False):
         self.dataset = dataset
         self.micro_batch_size = micro_batch_size
         self.grad_accum = grad_accum
@@ -21,6 +21,7 @@ class RankData:
         self.rank = rank
         self.pad_id = pad_id
         self.packed = packed
+        self.varlen = varlen  # packed batches by position ids alone (FlashAttention-2)
         self.steps_per_epoch = len(dataset) // (micro_batch_size * grad_accum)
         self._order_epoch, self._order = None, None
 
@@ -32,5 +33,5 @@ class RankData:
         per_step = self.micro_batch_size * self.grad_accum
         rows = self.dataset.select(self._order[index * per_step:(index + 1) * per_step])
         rows = [{"input_ids": r["input_ids"], "labels": r["labels"], "seq_lens": r["seq_lens"]} for r in rows]
-        return [collate(rows[i:i + self.micro_batch_size], self.pad_id, self.packed)
+        return [collate(rows[i:i + self.micro_batch_size], self.pad_id, self.packed, self.varlen)
                 for i in range(0, len(rows), self.micro_batch_size)]

@@ -23,9 +23,14 @@ def load_preset(name_or_path: str) -> tuple[Path, dict]:
 
 
 def auto_values(tcfg: TrainConfig, hidden_size: int) -> dict:
-    """What each "auto" field becomes, keyed by its dotted path in the DeepSpeed config."""
+    """What each "auto" field becomes, keyed by its dotted path in the DeepSpeed config (None: the field
+    is left out, DeepSpeed's default). On GPUs gradients are reduced in fp32 (bf16 sums of many ranks
+    lose precision) while the communication overlaps the backward pass; on CPU (gloo) neither pays."""
     h2 = hidden_size * hidden_size
+    gpu = tcfg.device == "cuda"
     return {
+        "communication_data_type": "fp32" if gpu and tcfg.precision == "bf16" else None,
+        "zero_optimization.overlap_comm": gpu,
         "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
         "gradient_accumulation_steps": tcfg.gradient_accumulation_steps,
         "gradient_clipping": tcfg.max_grad_norm,
@@ -47,14 +52,17 @@ def fill_auto(config: dict, values: dict, source: str) -> dict:
     out = copy.deepcopy(config)
 
     def walk(node, prefix):
-        for key, value in node.items():
+        for key, value in list(node.items()):
             dotted = f"{prefix}{key}"
             if isinstance(value, dict):
                 walk(value, dotted + ".")
             elif value == "auto":
                 if dotted not in values:
                     raise UserError(f"{source}: no value known for \"auto\" at {dotted}; set it explicitly")
-                node[key] = values[dotted]
+                if values[dotted] is None:
+                    del node[key]
+                else:
+                    node[key] = values[dotted]
 
     walk(out, "")
     return out

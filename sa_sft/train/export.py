@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from sa_sft.io import atomic_dir, atomic_write_json
+from sa_sft.io import atomic_write_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -74,11 +74,60 @@ def merge_checks(parts: list[dict], expected: set[str], folder: Path) -> dict:
             + [f"{name}: in the export but not a trained parameter or buffer" for name in unexpected]}
 
 
-def write_export(model, state_dict: dict, tokenizer, final_dir: Path, record_name: str, record: dict) -> None:
-    """Write the Hugging Face folder from a full state dict, atomically; the record last, inside it."""
-    with atomic_dir(final_dir) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, max_shard_size="2GB")
-        tokenizer.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        atomic_write_json(tmp / record_name, record)
+class ShardWriter:
+    """Writes a Hugging Face safetensors folder one tensor at a time, in shards of at most
+    `max_shard_bytes`: only the current shard is ever in memory. `close` names the shards
+    (model-00001-of-0000N.safetensors) and writes the index, as `save_pretrained` would."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = 5 * 1024**3):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.files: list[list[str]] = []  # tensor names per written shard
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self.current[name] = tensor.detach().to("cpu").contiguous()
+        self.current_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.current:
+            return
+        save_file(self.current, str(self.folder / f".shard-{len(self.files):05d}.safetensors"), metadata={"format": "pt"})
+        self.files.append(list(self.current))
+        self.current, self.current_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        self.flush()
+        count = len(self.files)
+        if count == 1:
+            names = ["model.safetensors"]
+        else:
+            names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        for i, name in enumerate(names):
+            (self.folder / f".shard-{i:05d}.safetensors").rename(self.folder / name)
+        if count > 1:
+            weight_map = {tensor: name for name, tensors in zip(names, self.files) for tensor in tensors}
+            atomic_write_json(self.folder / SAFETENSORS_INDEX,
+                              {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        return names
+
+
+def write_model_files(folder: Path, config, generation_config, tokenizer) -> None:
+    """Everything of the Hugging Face folder but the weights: config, generation config, tokenizer.
+    The config says `use_cache`: training turned it off, inference wants it."""
+    import copy
+
+    config = copy.deepcopy(config)
+    config.use_cache = True
+    config.save_pretrained(folder)
+    if generation_config is not None:
+        generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

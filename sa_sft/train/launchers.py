@@ -1,5 +1,6 @@
 """Starting the ranks: one trainer process per rank, by torchrun or the deepspeed launcher on this
 node, by srun over a Slurm allocation, or as Ray actors (ray_ranks.py); stop signals relayed."""
+import json
 import logging
 import os
 import signal
@@ -98,3 +99,44 @@ def run_ranks(cfg: Config, run: RunDir) -> tuple[int, list[str]]:
         cmd = launch_command(cfg, run)
     log.info("train: launching %d rank(s): %s", cfg.train.ranks, " ".join(cmd))
     return run_forwarding_signals(cmd, {**os.environ, **env}, forward_as)
+
+
+def parse_probe_lines(stdout: str) -> list[dict]:
+    """The JSON reports of an srun step's tasks (`--label` prefixes each line with `TASK: `)."""
+    reports = []
+    for line in stdout.splitlines():
+        _, _, rest = line.partition(": ") if not line.startswith("{") else ("", "", line)
+        if rest.startswith("{"):
+            reports.append(json.loads(rest))
+    return reports
+
+
+def dry_run(cfg: Config, run: RunDir) -> dict:
+    """How the ranks would start, per rank: node, devices, environment, command. With srun and Ray the
+    ranks are really placed (an srun step, Ray actors) and report what they see; no trainer starts."""
+    env = trainer_env(cfg)
+    worker = trainer_module(run)
+    launcher = cfg.train.launcher
+    if launcher == "ray":
+        from sa_sft.train.ray_ranks import dry_run_on_ray
+        return {"launcher": launcher, "env": env, "ranks": dry_run_on_ray(cfg, worker, env)}
+    if launcher == "srun":
+        cmd, rendezvous = srun_launch(cfg, run)
+        step = cmd[: cmd.index(sys.executable)]
+        probe = subprocess.run(step + [sys.executable, "-m", "sa_sft.cluster.node", "whoami", "--role", "rank"],
+                               env={**os.environ, **env, **rendezvous}, capture_output=True, text=True, timeout=300)
+        if probe.returncode != 0:
+            raise UserError(f"train: the dry-run srun step failed (exit {probe.returncode}): "
+                            f"{(probe.stderr.strip().splitlines() or ['no output'])[-1]}")
+        ranks = sorted(parse_probe_lines(probe.stdout), key=lambda r: int(r["env"]["RANK"]))
+        return {"launcher": launcher, "command": cmd, "env": {**env, **rendezvous},
+                "ranks": [{**r, "command": [sys.executable, *worker]} for r in ranks]}
+    cmd = launch_command(cfg, run)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    from sa_sft.cluster.slurm import device_of
+    from sa_sft.hardware import node_name
+    ranks = [{"rank": r, "node": node_name(), "env": {"RANK": str(r), "LOCAL_RANK": str(r),
+                                                      "WORLD_SIZE": str(cfg.train.ranks)},
+              "gpu": (device_of(r, visible) if visible else str(r)) if cfg.train.device == "cuda" else None}
+             for r in range(cfg.train.ranks)]
+    return {"launcher": launcher, "command": cmd, "env": env, "ranks": ranks}

@@ -5,6 +5,7 @@ Why actors around a subprocess rather than Ray Train's TorchTrainer: the trainer
 program for every launcher (torchrun, deepspeed, srun, Ray), with its own checkpoints and
 resume; a rank that dies takes only its process down, and the driver stops the others at once.
 """
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from sa_sft import signals
 from sa_sft.cluster.ports import free_port
 from sa_sft.config import Config
+from sa_sft.cluster.ray_cluster import node_label
 from sa_sft.errors import UserError
 
 log = logging.getLogger("sa_sft.train")
@@ -35,6 +37,11 @@ class RankActor:
         """This node's IP, a free port on it, and the Ray node id."""
         return ray.util.get_node_ip_address(), free_port(""), ray.get_runtime_context().get_node_id()
 
+    def sees(self) -> dict:
+        """What the trainer process started here would see of its devices (for --dry-run)."""
+        return {"node": node_label(), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()], "cpus": sorted(os.sched_getaffinity(0))}
+
     def run(self, module_args: list[str], env: dict) -> int:
         self.proc = subprocess.Popen([sys.executable, *module_args], env={**os.environ, **env})
         return self.proc.wait()
@@ -46,8 +53,59 @@ class RankActor:
 
 def bundle(cfg: Config) -> dict:
     if cfg.train.device == "cuda":
-        return {"GPU": 1, "CPU": 1}
+        return {"GPU": 1, "CPU": cfg.train.threads_per_rank}
     return {"CPU": cfg.train.threads_per_rank}
+
+
+def actor_options(cfg: Config, pg, rank: int) -> dict:
+    """Each rank's actor asks for its bundle's resources itself: an actor that asks for no GPU is given
+    none (no CUDA_VISIBLE_DEVICES of its own) even inside a bundle that reserved one, so every rank
+    of a node would see all its GPUs and pick the same one."""
+    resources = bundle(cfg)
+    return {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                    placement_group_bundle_index=rank)}
+
+
+def rank_env(cfg: Config, rank: int, addresses: list[tuple[str, int, str]]) -> dict:
+    """The rendezvous environment of one rank. With GPUs, Ray gives each rank's actor exactly its own
+    device, so it is device 0 there (LOCAL_RANK=0); on CPU, LOCAL_RANK counts the ranks on the node."""
+    master_addr, master_port, _ = addresses[0]
+    node = addresses[rank][2]
+    local = 0 if cfg.train.device == "cuda" else sum(1 for a in addresses[:rank] if a[2] == node)
+    return {"RANK": str(rank), "WORLD_SIZE": str(len(addresses)), "LOCAL_RANK": str(local),
+            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "SA_SFT_RAY_NODE_ID": node}
+
+
+@contextlib.contextmanager
+def placed_ranks(cfg: Config):
+    """One actor per rank in a placement group (PACK: ranks fill a node before the next)."""
+    ranks = cfg.train.ranks
+    pg = placement_group([bundle(cfg)] * ranks, strategy="PACK")
+    ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(pg)
+        raise UserError(f"train: Ray could not place {ranks} rank(s) of {bundle(cfg)} within "
+                        f"{PLACEMENT_TIMEOUT_S} s; check the cluster's free resources (`ray status`)")
+    actors = [RankActor.options(**actor_options(cfg, pg, rank)).remote() for rank in range(ranks)]
+    try:
+        yield actors
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        remove_placement_group(pg)
+
+
+def dry_run_on_ray(cfg: Config, module_args: list[str], env: dict) -> list[dict]:
+    """Place every rank as the real run would and report, per rank, its node, the devices it sees, its
+    environment and its command; starts no trainer."""
+    from sa_sft.cluster.ray_cluster import ray_session
+
+    with ray_session(cfg.cluster.ray_address), placed_ranks(cfg) as actors:
+        addresses = ray.get([actor.address.remote() for actor in actors])
+        seen = ray.get([actor.sees.remote() for actor in actors])
+    return [{"rank": rank, **seen[rank], "env": {**env, **rank_env(cfg, rank, addresses)},
+             "command": [sys.executable, *module_args]} for rank in range(len(actors))]
 
 
 def run_ranks_on_ray(cfg: Config, module_args: list[str], env: dict) -> tuple[int, list[str]]:
@@ -55,17 +113,8 @@ def run_ranks_on_ray(cfg: Config, module_args: list[str], env: dict) -> tuple[in
     from sa_sft.cluster.ray_cluster import ray_session
 
     ranks = cfg.train.ranks
-    with ray_session(cfg.cluster.ray_address):
-        pg = placement_group([bundle(cfg)] * ranks, strategy="PACK")
-        ready, _ = ray.wait([pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        if not ready:
-            remove_placement_group(pg)
-            raise UserError(f"train: Ray could not place {ranks} rank(s) of {bundle(cfg)} within "
-                            f"{PLACEMENT_TIMEOUT_S} s; check the cluster's free resources (`ray status`)")
-        actors = [RankActor.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-            placement_group=pg, placement_group_bundle_index=rank)).remote() for rank in range(ranks)]
+    with ray_session(cfg.cluster.ray_address), placed_ranks(cfg) as actors:
         addresses = ray.get([actor.address.remote() for actor in actors])
-        master_addr, master_port, _ = addresses[0]
         seen: list[str] = []
 
         def stop_all(signum=None, _frame=None):
@@ -74,18 +123,11 @@ def run_ranks_on_ray(cfg: Config, module_args: list[str], env: dict) -> tuple[in
             for actor in actors:
                 actor.stop.remote()
 
-        previous = signals.install(stop_all)
-        try:
+        with signals.handled(stop_all):
             log.info("train: %d rank(s) on Ray nodes %s; rendezvous %s:%d", ranks,
-                     ", ".join(node[:8] for _, _, node in addresses), master_addr, master_port)
-            pending = {}
-            for rank, actor in enumerate(actors):
-                rank_env = {**env, "RANK": str(rank), "WORLD_SIZE": str(ranks), "MASTER_ADDR": master_addr,
-                            "MASTER_PORT": str(master_port), "SA_SFT_RAY_NODE_ID": addresses[rank][2],
-                            # Ray gives each GPU actor one visible device, so it is device 0 there.
-                            "LOCAL_RANK": "0" if cfg.train.device == "cuda" else
-                            str(sum(1 for a in addresses[:rank] if a[2] == addresses[rank][2]))}
-                pending[actor.run.remote(module_args, rank_env)] = rank
+                     ", ".join(node[:8] for _, _, node in addresses), addresses[0][0], addresses[0][1])
+            pending = {actor.run.remote(module_args, {**env, **rank_env(cfg, rank, addresses)}): rank
+                       for rank, actor in enumerate(actors)}
             code = 0
             while pending:
                 [done], _ = ray.wait(list(pending), num_returns=1)
@@ -101,8 +143,3 @@ def run_ranks_on_ray(cfg: Config, module_args: list[str], env: dict) -> tuple[in
                     stop_all()
                     ray.wait(list(pending), num_returns=len(pending), timeout=STOP_GRACE_S)
             return code, seen
-        finally:
-            signals.restore(previous)
-            for actor in actors:
-                ray.kill(actor)
-            remove_placement_group(pg)

@@ -22,6 +22,7 @@ import torch
 
 from sa_sft import signals
 from sa_sft.chat import pad_token_id
+from sa_sft.cluster.slurm import job_deadline, rank_env_from_slurm
 from sa_sft.config import Config, TrainConfig
 from sa_sft.errors import StageFailed, UserError
 from sa_sft.hardware import node_name, torch_dtype
@@ -29,11 +30,12 @@ from sa_sft.io import atomic_write_json, read_json
 from sa_sft.models import resolve_model
 from sa_sft.rundir import RunDir
 from sa_sft.train import checkpoints
-from sa_sft.train.checkpoints import CheckpointPolicy
+from sa_sft.train.checkpoints import CheckpointPolicy, near_deadline
 
 log = logging.getLogger("sa_sft.train")
 
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on request, resumable
+TIME_LIMIT = "TIME_LIMIT"  # what a stop before the Slurm job's time limit is called (like Slurm's USR1)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -58,23 +60,22 @@ class StopRequest:
     def _handle(self, signum, _frame) -> None:
         self.signal = signum
 
-    def agreed(self, device) -> int:
-        import torch.distributed as dist
 
-        flag = torch.tensor([self.signal], dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+def agree(device, *flags: int) -> list[int]:
+    """The maximum of each flag over the ranks: what one rank saw (a signal, rank 0's clock), all act on."""
+    import torch.distributed as dist
+
+    tensor = torch.tensor(flags, dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [int(x) for x in tensor.tolist()]
 
 
-def distributed_env() -> None:
-    """torch.distributed reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; under plain srun map them from SLURM_*."""
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+def cuda_device(local_rank: int, visible: int) -> int:
+    """The device index a rank uses: its LOCAL_RANK among the GPUs it sees (one when the launcher
+    gives each rank its own, as Ray does)."""
+    if visible < 1:
+        raise UserError("train.device=cuda but this rank sees no GPU (CUDA_VISIBLE_DEVICES, the launcher's GPU request)")
+    return local_rank % visible
 
 
 def setup_logging(rank: int, log_file) -> None:
@@ -100,6 +101,14 @@ def measure_peak_flops(dtype, device: str) -> float:
             torch.cuda.synchronize()
         best = max(best, 2 * size**3 / (time.perf_counter() - t0))
     return best
+
+
+def loss_divisor(step_loss_tokens: int, world: int, grad_accum: int) -> float:
+    """What each micro-batch's summed token loss is divided by. DeepSpeed divides every micro-batch's
+    loss by grad_accum and averages gradients over the ranks, so dividing the sum by
+    step_loss_tokens / (world x grad_accum) makes the step's gradient that of the mean over all
+    of its loss tokens: every token weighs the same, whatever else landed in its micro-batch."""
+    return max(step_loss_tokens, 1) / (world * grad_accum)
 
 
 def check_rank_rows(rows_per_rank: int, tcfg: TrainConfig) -> None:
@@ -128,16 +137,16 @@ class SFTRecipe:
         import deepspeed
         import torch.distributed as dist
 
-        distributed_env()
-        deepspeed.init_distributed(dist_backend="gloo" if self.tcfg.device == "cpu" else "nccl")
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        setup_logging(self.rank, self.run.train_log)
+        os.environ.update(rank_env_from_slurm(os.environ))
         if self.tcfg.device == "cpu":
             torch.set_num_threads(self.tcfg.threads_per_rank)
         else:
-            # Modulo: a launcher may give each rank only its own GPU (Ray, srun --gpus-per-task).
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        # After set_device: with NCCL, object collectives run on the current GPU.
+            # Before the process group: NCCL binds each rank's communicator to its current device. Modulo:
+            # a launcher may give each rank only its own GPU (Ray actors, srun --gpus-per-task).
+            torch.cuda.set_device(cuda_device(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()))
+        deepspeed.init_distributed(dist_backend="gloo" if self.tcfg.device == "cpu" else "nccl")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        setup_logging(self.rank, self.run.train_log)
         self.placement = [None] * self.world
         dist.all_gather_object(self.placement, {"rank": self.rank, "host": node_name(),
                                                 "ray_node": os.environ.get("SA_SFT_RAY_NODE_ID")})
@@ -160,9 +169,13 @@ class SFTRecipe:
         self.model_path = resolve_model(self.cfg.model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.cfg.model.trust_remote_code)
         self.data = RankData(self.dataset, self.tcfg.micro_batch_size, self.tcfg.gradient_accumulation_steps,
-                             self.cfg.seed, self.rank, pad_token_id(self.tokenizer), packed=mix.get("packed", False))
+                             self.cfg.seed, self.rank, pad_token_id(self.tokenizer), packed=mix.get("packed", False),
+                             varlen=self.tcfg.attn_implementation == "flash_attention_2")
         self.total_steps = self.tcfg.max_steps or self.tcfg.epochs * self.data.steps_per_epoch
-        self.policy = CheckpointPolicy(self.tcfg.checkpoint_every, self.total_steps)
+        self.policy = CheckpointPolicy(self.tcfg.checkpoint_every, self.total_steps,
+                                       every_seconds=60 * self.tcfg.checkpoint_every_minutes)
+        # Inside a Slurm job with a time limit, rank 0 stops in time to save (it also honours USR1).
+        self.deadline = job_deadline() if self.rank == 0 else None
 
     def setup_model(self) -> None:
         """Under ZeRO-3, HfDeepSpeedConfig makes from_pretrained partition the weights as they load."""
@@ -182,6 +195,9 @@ class SFTRecipe:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype, trust_remote_code=trust,
                                                      use_safetensors=True, attn_implementation=tcfg.attn_implementation)
         model.config.use_cache = False
+        if tcfg.gradient_checkpointing:
+            # Non-reentrant: works with ZeRO-3's gathered parameters, frozen inputs and packed batches.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         frozen = freeze_parameters(model, tcfg)
         numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
         self.num_params = sum(numel(p) for p in model.parameters())
@@ -217,8 +233,11 @@ class SFTRecipe:
             self.step = client_state["step"]
             rng = torch.load(ckpts.rng_state(plan.tag, self.rank), weights_only=True)
             torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.tcfg.device == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"])
             log.info("resumed from %s at step %d", plan.tag, self.step)
         self.saved_at = self.step if plan.tag else -1
+        self.last_save_time, self.save_seconds = time.time(), 0.0
         if self.rank == 0:
             checkpoints.trim_metrics(self.run.metrics, self.step)
 
@@ -231,24 +250,29 @@ class SFTRecipe:
         batches = self.data.micro_batches(self.step)
         data_wait = time.time() - t0
         device = self.engine.device
-        stats = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, real tokens, samples
+        step_tokens = torch.tensor([sum(b.pop("loss_tokens") for b in batches)], dtype=torch.float64, device=device)
+        dist.all_reduce(step_tokens)
+        divisor = loss_divisor(int(step_tokens.item()), self.world, len(batches))
+        stats = torch.zeros(3, dtype=torch.float64, device=device)  # summed token loss, real tokens, samples
         for batch in batches:
             real_tokens, samples = batch.pop("real_tokens"), batch.pop("num_samples")
-            loss = self.engine(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss = self.engine(**{k: v.to(device) for k, v in batch.items()},
+                               num_items_in_batch=torch.tensor(divisor, device=device)).loss
             self.engine.backward(loss)
             self.engine.step()
-            stats += torch.tensor([loss.item(), real_tokens.sum().item(), samples], dtype=torch.float64, device=device)
+            stats += torch.tensor([loss.item() * divisor, real_tokens.sum().item(), samples], dtype=torch.float64,
+                                  device=device)
         dist.all_reduce(stats)
         seconds = time.time() - t0
         self.step += 1
-        return {"loss_sum": stats[0].item(), "tokens": stats[1].item(), "samples": stats[2].item(),
-                "micro_batches": len(batches), "seconds": seconds, "data_wait": data_wait}
+        return {"loss_sum": stats[0].item(), "loss_tokens": step_tokens.item(), "tokens": stats[1].item(),
+                "samples": stats[2].item(), "seconds": seconds, "data_wait": data_wait}
 
     def metrics(self, done: dict) -> dict:
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "step": self.step, "epoch": (self.step - 1) // self.data.steps_per_epoch,
-            "loss": round(done["loss_sum"] / (done["micro_batches"] * self.world), 6),
+            "loss": round(done["loss_sum"] / max(done["loss_tokens"], 1), 6),
             "lr": self.tcfg.learning_rate * self.schedule(self.step - 1),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": round(done["tokens"] / done["seconds"], 1),
@@ -268,13 +292,19 @@ class SFTRecipe:
         ckpts = self.run.checkpoints
         tag = ckpts.tag(self.step)
         ckpts.folder(tag).mkdir(parents=True, exist_ok=True)
-        torch.save({"torch": torch.get_rng_state()}, ckpts.rng_state(tag, self.rank))
+        rng = {"torch": torch.get_rng_state()}
+        if self.tcfg.device == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, ckpts.rng_state(tag, self.rank))
+        started = time.time()
         self.engine.save_checkpoint(str(ckpts.path), tag=tag, client_state={"step": self.step}, save_latest=False)
         dist.barrier()
         if self.rank == 0:
             ckpts.set_latest(tag)
             checkpoints.prune(ckpts, self.tcfg.keep_last)
         dist.barrier()
+        self.last_save_time, self.save_seconds = time.time(), time.time() - started
+        log.info("checkpoint %s saved in %.1f s", tag, self.save_seconds)
 
     def train(self) -> None:
         from tqdm import tqdm
@@ -299,14 +329,19 @@ class SFTRecipe:
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if progress:
                 progress.update(1)
-            stop = self.stop.agreed(self.engine.device)
-            if self.policy.due(self.step, bool(stop)):
+            now = time.time()
+            time_due = self.rank == 0 and self.policy.time_due(now - self.last_save_time)
+            deadline = self.rank == 0 and near_deadline(self.deadline - now if self.deadline else None,
+                                                        self.save_seconds, done["seconds"])
+            stop, time_due, deadline = agree(self.engine.device, self.stop.signal, time_due, deadline)
+            if self.policy.due(self.step, bool(stop or deadline), bool(time_due)):
                 self.save_checkpoint()
-            if stop and self.step < self.total_steps:
+            if (stop or deadline) and self.step < self.total_steps:
+                why = signals.name(stop) if stop else TIME_LIMIT
                 if self.rank == 0:
-                    atomic_write_json(self.run.interrupted, {"signal": signals.name(stop), "step": self.step})
+                    atomic_write_json(self.run.interrupted, {"signal": why, "step": self.step})
                     log.warning("%s: stopped at step %d of %d; checkpoint saved, a rerun resumes here",
-                                signals.name(stop), self.step, self.total_steps)
+                                why, self.step, self.total_steps)
                 if progress:
                     progress.close()
                 sys.exit(EXIT_INTERRUPTED)
@@ -330,8 +365,6 @@ class SFTRecipe:
         train/final.rejected and fails with one line; the rerun exports again from the checkpoint."""
         import torch.distributed as dist
 
-        from sa_sft.train.export import write_export
-
         record = self.run.export_record
         previous = read_json(record) if record.exists() else {}
         same = previous.get("steps") == self.step and previous.get("checkpoint") == self.run.checkpoints.latest()
@@ -342,10 +375,7 @@ class SFTRecipe:
             log.info("export of step %d already written and checked: %s", self.step, self.run.final)
             return
         if not same:
-            state_dict = self.full_state_dict()
-            if self.rank == 0:
-                write_export(self.model, state_dict, self.tokenizer, self.run.final, record.name, self.export_record())
-            del state_dict
+            self.write_export()
             dist.barrier()
         check = self.check_export()
         if self.rank == 0:
@@ -362,20 +392,40 @@ class SFTRecipe:
                               "exports again without retraining")
         log.info("exported %s: %d tensors equal to the trained engine's, bit for bit", self.run.final, check["tensors"])
 
-    def full_state_dict(self) -> dict | None:
-        """The whole 16-bit state dict, on rank 0 (None elsewhere)."""
-        if self.zero_stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()
-        return self.engine.module.state_dict() if self.rank == 0 else None
+    def write_export(self) -> None:
+        """Stream the weights into train/final: each parameter is gathered in turn (a collective every
+        rank takes part in, so none waits long) and rank 0 appends it to the current safetensors shard,
+        writing a shard whenever it is full. No process ever holds the whole model."""
+        import contextlib
 
-    def gathered(self, persistent: set[str]):
-        """(name, full tensor) of every parameter and persistent buffer, one at a time; a rank yields only
-        its share (index modulo world size), but every rank takes part in gathering each parameter."""
+        from sa_sft.io import atomic_dir
+        from sa_sft.train.export import ShardWriter, write_model_files
+
+        state_keys = set(self.model.state_dict())
+        with contextlib.ExitStack() as stack:
+            writer = folder = None
+            if self.rank == 0:
+                folder = stack.enter_context(atomic_dir(self.run.final))
+                writer = ShardWriter(folder)
+            for name, tensor in self.gathered(state_keys, share=False):
+                writer.add(name, tensor)
+            if writer:
+                files = writer.close()
+                write_model_files(folder, self.model.config, getattr(self.model, "generation_config", None),
+                                  self.tokenizer)
+                atomic_write_json(folder / self.run.export_record.name, self.export_record())
+                log.info("wrote %d safetensors file(s), %.2f GB", len(files), writer.total_bytes / 1e9)
+
+    def gathered(self, persistent: set[str], share: bool = True):
+        """(name, full tensor) of every parameter and persistent buffer, one at a time, each valid until the
+        next is asked for. Every rank takes part in gathering each parameter; a rank receives only its
+        share (index modulo world size), or with share=False rank 0 receives all and the others none."""
         import deepspeed
 
+        mine = (lambda i: i % self.world == self.rank) if share else (lambda i: self.rank == 0)
         for i, (name, param) in enumerate(self.model.named_parameters()):
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                if i % self.world == self.rank:
+                if mine(i):
                     yield name, param.data
         if self.rank == 0:
             yield from ((name, buffer) for name, buffer in self.model.named_buffers() if name in persistent)

@@ -15,10 +15,12 @@ from pathlib import Path
 
 
 class LocalRay:
-    def __init__(self, log_dir: Path, nodes: int = 2, cpus_per_node: int = 1, port_base: int = 18000):
+    def __init__(self, log_dir: Path, nodes: int = 2, cpus_per_node: int = 1, port_base: int = 18000,
+                 gpus_per_node: int = 0):
         self.log_dir = log_dir
         self.nodes = nodes
         self.cpus = cpus_per_node
+        self.gpus = gpus_per_node  # declared, not real: Ray schedules against them and sets CUDA_VISIBLE_DEVICES
         self.base = port_base
         self.gcs = f"127.0.0.1:{port_base}"
         self.dashboard = f"http://127.0.0.1:{port_base + 1}"
@@ -32,6 +34,7 @@ class LocalRay:
         temp_dir = tempfile.mkdtemp(prefix=f"sa_sft_ray{index}_")
         self.temp_dirs.append(temp_dir)
         return ["--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}",
+                f"--num-gpus={self.gpus}",
                 "--object-store-memory=300000000", f"--temp-dir={temp_dir}",
                 f"--node-manager-port={p}", f"--object-manager-port={p + 1}", f"--dashboard-agent-grpc-port={p + 2}",
                 f"--dashboard-agent-listen-port={p + 3}", f"--metrics-export-port={p + 4}",

@@ -8,6 +8,7 @@ import pwd
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -56,7 +57,7 @@ def slurm_installable() -> str | None:
 
 class LocalSlurm:
     def __init__(self, state: Path, nodes: int = 2, cpus_per_node: int = 1, memory_mb: int = 8000,
-                 port_base: int = 17000):
+                 port_base: int = 17000, gpus_per_node: int = 0):
         self.state = state
         self.names = [f"n{i + 1}" for i in range(nodes)]
         self.conf = state / "slurm.conf"
@@ -71,10 +72,25 @@ class LocalSlurm:
             munge_dir=self.munge_dir, host=hostname, hostname=hostname, state=state, ctld_port=port_base, slurmd_port=port_base + 1,
             nodes=f"n[1-{nodes}]", node_ports=f"[{port_base + 1}-{port_base + nodes}]", cpus=cpus_per_node,
             memory=memory_mb)
-
+        self.gpus = gpus_per_node
+        if gpus_per_node:
+            # GPUs as generic resources. slurmd accepts a gres.conf File= only if it is a character or
+            # block device; device nodes named nvidiaN (with the /dev/null numbers) are enough for it to
+            # allocate them and set each step's CUDA_VISIBLE_DEVICES (measured with Debian's Slurm 22.05).
+            self.text = self.text.replace("SlurmdParameters=config_overrides",
+                                          "SlurmdParameters=config_overrides\nGresTypes=gpu")
+            self.text = self.text.replace("State=UNKNOWN", f"Gres=gpu:{gpus_per_node} State=UNKNOWN", 1)
     def start(self, timeout: float = 60) -> None:
         (self.state / "ctld").mkdir(parents=True, exist_ok=True)
         self.conf.write_text(self.text)
+        if self.gpus:
+            devices = self.state / "dev"
+            devices.mkdir(exist_ok=True)
+            for i in range(self.gpus):
+                if not (devices / f"nvidia{i}").exists():
+                    os.mknod(devices / f"nvidia{i}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+            (self.state / "gres.conf").write_text(
+                f"NodeName={','.join(self.names)} Name=gpu File={devices}/nvidia[0-{self.gpus - 1}]\n")
         self._start_munge()
         self.procs.append(subprocess.Popen(["slurmctld", "-D", "-f", str(self.conf)], env=self.env,
                                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))

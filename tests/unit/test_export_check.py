@@ -47,3 +47,29 @@ def test_missing_and_unexpected_tensors_are_mismatches(exported):
     merged = merge_checks([compare_tensors(folder, model.named_parameters())], set(model.state_dict()), folder)
     assert merged["mismatched"] == ["model.norm.weight: not in the export",
                                     "extra.weight: in the export but not a trained parameter or buffer"]
+
+
+def test_the_streamed_export_is_a_folder_transformers_loads(tmp_path, tokenizer):
+    """Tensors written one at a time into shards of a bounded size: several files and their index, as
+    save_pretrained writes them, and transformers loads the same weights back."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from sa_sft.models import tiny_config
+    from sa_sft.train.export import ShardWriter, write_model_files
+
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(tiny_config(tokenizer)).to(torch.bfloat16)
+    folder = tmp_path / "final"
+    folder.mkdir()
+    writer = ShardWriter(folder, max_shard_bytes=2 * 1024**2)
+    for name, param in model.named_parameters():
+        writer.add(name, param.data)
+    files = writer.close()
+    write_model_files(folder, model.config, model.generation_config, tokenizer)
+    assert len(files) >= 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert (folder / "model.safetensors.index.json").exists() and not list(folder.glob(".shard-*"))
+    assert compare_tensors(folder, model.named_parameters())["mismatched"] == []
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    for (name, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+    assert loaded.config.use_cache is True
