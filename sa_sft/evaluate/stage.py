@@ -64,9 +64,15 @@ class Engines:
     def __init__(self, cfg: Config, model_path: Path, own_machine: bool):
         from sa_sft.engines.pool import EnginePool
 
-        self.name = model_path.name
+        self.path, self.name = Path(model_path), Path(model_path).name
         self.pool = EnginePool(cfg.generate, str(model_path), cfg.model.trust_remote_code, cfg.seed,
                                own_machine=own_machine, max_model_len=cfg.evaluate.max_seq_len + cfg.evaluate.max_new_tokens)
+
+    def serve(self, model_path: Path) -> None:
+        """The same engines, another checkpoint of the model (the fine-tuned one after the base)."""
+        if Path(model_path) != self.path:
+            self.pool.reload(str(model_path))
+            self.path, self.name = Path(model_path), Path(model_path).name
 
     def _map(self, what: str, count: int, call) -> list[dict]:
         results = [None] * ((count + CHUNK - 1) // CHUNK)
@@ -158,30 +164,32 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
         samples = {}
     retention = cached(run.retention, stage.fingerprint)
     want_kl = bool(heldout["self_heldout"]) and "final" in models
-    with ray_session(cfg.cluster.ray_address) as own_machine:
-        for name, path in models.items():
-            needs_samples = name == "base" and want_kl and not samples
-            needs_kl = name == "final" and want_kl and retention is None
-            if results[name] is not None and not needs_samples and not needs_kl:
-                continue
-            log.info("evaluate: %s: starting %d vLLM engine(s) for %s", name, cfg.generate.engines, path)
-            engines = Engines(cfg, Path(path), own_machine)
+    needs_samples = want_kl and not samples
+    needs_kl = want_kl and retention is None
+    todo = [name for name in models if results[name] is None or (name == "base" and needs_samples)
+            or (name == "final" and needs_kl)]
+    if todo:
+        with ray_session(cfg.cluster.ray_address) as own_machine:
+            log.info("evaluate: starting %d vLLM engine(s) for %s", cfg.generate.engines, ", ".join(todo))
+            engines = Engines(cfg, models[todo[0]], own_machine)
             try:
-                if results[name] is None:
-                    results[name] = {**score_model(name, engines, tokenizer, cfg, heldout, general, run),
-                                     "path": str(path), "fingerprint": fingerprints[name]}
-                    atomic_write_json(run.scores(name), results[name])
-                if needs_samples:
-                    samples = {"fingerprint": fingerprints["base"],
-                               **kl_samples(engines, tokenizer, cfg, heldout["self_heldout"])}
-                    atomic_write_jsonl(run.kl_samples, [samples])
-                if needs_kl:
-                    final_logprobs = engines.score(scoring.kl_requests(samples["prompts"], samples["answers"]))
-                    retention = {"fingerprint": stage.fingerprint,
-                                 **scoring.kl_result(samples["logprobs"], final_logprobs)}
-                    atomic_write_json(run.retention, retention)
-                    log.info("evaluate: KL(base || final) per token on the base model's own answers: %.5f %s",
-                             retention["mean_kl"], retention["ci95"])
+                for name in todo:
+                    engines.serve(models[name])
+                    if results[name] is None:
+                        results[name] = {**score_model(name, engines, tokenizer, cfg, heldout, general, run),
+                                         "path": str(models[name]), "fingerprint": fingerprints[name]}
+                        atomic_write_json(run.scores(name), results[name])
+                    if name == "base" and needs_samples:
+                        samples = {"fingerprint": fingerprints["base"],
+                                   **kl_samples(engines, tokenizer, cfg, heldout["self_heldout"])}
+                        atomic_write_jsonl(run.kl_samples, [samples])
+                    if name == "final" and needs_kl:
+                        final_logprobs = engines.score(scoring.kl_requests(samples["prompts"], samples["answers"]))
+                        retention = {"fingerprint": stage.fingerprint,
+                                     **scoring.kl_result(samples["logprobs"], final_logprobs)}
+                        atomic_write_json(run.retention, retention)
+                        log.info("evaluate: KL(base || final) per token on the base model's own answers: %.5f %s",
+                                 retention["mean_kl"], retention["ci95"])
             finally:
                 engines.close()
     drift = None

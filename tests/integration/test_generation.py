@@ -61,8 +61,16 @@ def kill_generation_at(run_dir: Path, point: str, args: list[str]) -> None:
     proc.wait()
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The dialogues of an uninterrupted run, which every interrupted one must reproduce."""
+    clean = tmp_path_factory.mktemp("clean") / "run"
+    assert run_cli("generate", "tiny", f"output_dir={clean}", "generate.num_samples=64", *TINY).returncode == 0
+    return dialogues(clean)
+
+
 @pytest.mark.parametrize("point", ["before the first shard", "mid-shard", "between shards"])
-def test_sigkill_then_rerun_gives_exactly_the_requested_unique_samples(tmp_path, point):
+def test_sigkill_then_rerun_gives_exactly_the_requested_unique_samples(tmp_path, point, uninterrupted):
     run_dir = tmp_path / "run"
     args = [sys.executable, "-m", "sa_sft.cli", "generate", "tiny", f"output_dir={run_dir}",
             "generate.num_samples=64", *TINY]
@@ -84,9 +92,7 @@ def test_sigkill_then_rerun_gives_exactly_the_requested_unique_samples(tmp_path,
     assert len(got) == 64 and len(set(got)) == 64
     assert not list((run_dir / "generate").rglob("*.tmp"))
     # The same as an uninterrupted run.
-    clean = tmp_path / "clean"
-    assert run_cli("generate", "tiny", f"output_dir={clean}", "generate.num_samples=64", *TINY).returncode == 0
-    assert dialogues(clean) == got
+    assert got == uninterrupted
 
 
 def test_rerun_of_a_finished_run_does_nothing_and_changed_sampling_is_refused(tmp_path):

@@ -68,3 +68,33 @@ def test_metrics_past_the_checkpoint_are_dropped_on_resume(tmp_path):
     trim_metrics(path, upto_step=4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     trim_metrics(tmp_path / "absent.jsonl", 3)  # nothing to trim on a fresh run
+
+
+def test_a_time_cadence_besides_the_step_cadence():
+    policy = CheckpointPolicy(every=0, total_steps=100, every_seconds=1800)
+    assert not policy.time_due(1799) and policy.time_due(1800)
+    assert policy.due(7, time_due=True) and not policy.due(7)
+    assert not CheckpointPolicy(every=0, total_steps=100).time_due(10**9)  # 0: never by time
+
+
+def test_gpu_runs_checkpoint_every_30_minutes_by_default():
+    from sa_sft.config import load_config
+    assert load_config("tiny", ["train.device=cuda"]).train.checkpoint_every_minutes == 30
+    assert load_config("tiny").train.checkpoint_every_minutes == 0
+    assert load_config("tiny", ["train.device=cuda", "train.checkpoint_every_minutes=5"]).train.checkpoint_every_minutes == 5
+
+
+def test_stopping_before_a_time_limit_leaves_room_for_a_step_and_the_measured_save():
+    from sa_sft.train.checkpoints import near_deadline
+    assert not near_deadline(None, save_seconds=600, step_seconds=10)  # no time limit
+    # 10 s steps, a 200 s save: stop with less than 1.5 x 200 + 2 x 10 + 60 = 380 s left.
+    assert not near_deadline(381, save_seconds=200, step_seconds=10)
+    assert near_deadline(379, save_seconds=200, step_seconds=10)
+
+
+def test_scontrol_end_times():
+    import time
+    from sa_sft.cluster.slurm import parse_end_time
+    assert parse_end_time("Unknown") is None
+    end = parse_end_time("2026-11-29T14:30:05")
+    assert time.localtime(end)[:6] == (2026, 11, 29, 14, 30, 5)
