@@ -97,7 +97,9 @@ def busy(args) -> None:
         try:
             if proc.pid in mine or proc.environ().get("SLURM_JOB_ID") != job_id:
                 continue
-            cmdline = " ".join(proc.info["cmdline"] or [])
+            # The program and its first arguments only: a path elsewhere on the command line (an output
+            # directory named after raylets, say) does not make a process a Ray process.
+            cmdline = " ".join((proc.info["cmdline"] or [])[:4])
             if any(word in cmdline for word in RAY_PROCESS_MARKERS):
                 leftovers.append(f"{proc.pid}:{proc.info['name']}")
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

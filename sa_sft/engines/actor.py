@@ -194,12 +194,3 @@ class EngineActor:
                     for o, ids in zip(outputs, tokens)]
         return {"tag": tag, "tokens": tokens, "logprobs": logprobs, "node": node_label(),
                 "seconds": time.time() - started}
-
-    def load_weights(self, model_path: str) -> dict:
-        """Swap this engine's weights for another checkpoint of the same architecture, in place (vLLM's
-        `reload_weights`): evaluation scores the base model, then the fine-tuned one, without a second
-        engine start (on GPUs: no second CUDA graph capture, no second KV-cache allocation)."""
-        started = time.time()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
-        self.llm.reset_prefix_cache()
-        return {"node": node_label(), "seconds": round(time.time() - started, 1)}

@@ -197,12 +197,6 @@ class EnginePool:
             slots.append(engine)
             yield result
 
-    def reload(self, model_path: str) -> None:
-        """Every engine takes another checkpoint's weights in place (an engine started later, to replace
-        a dead one, starts from them too)."""
-        self.kwargs["model"] = model_path
-        ray.get([actor.load_weights.remote(model_path) for actor in self.actors])
-
     def close(self) -> None:
         for actor in self.actors:
             with contextlib.suppress(Exception):

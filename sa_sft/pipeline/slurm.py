@@ -85,7 +85,6 @@ def dry_run_slurm(step: str, cfg: Config) -> dict:
     import sys
 
     from sa_sft.cluster.ray_cluster import ray_on_slurm, ray_session, raylet_srun
-    from sa_sft.engines.pool import dry_run as engines_dry_run
     from sa_sft.train.launchers import dry_run as ranks_dry_run, parse_probe_lines
 
     alloc = current_allocation()
@@ -102,6 +101,8 @@ def dry_run_slurm(step: str, cfg: Config) -> dict:
                                capture_output=True, text=True, timeout=300)
         report["raylets"] = {"command": step_cmd, "nodes": parse_probe_lines(probe.stdout)}
         with ray_on_slurm(alloc, cfg.cluster, run) as address, ray_session(address) as own_machine:
+            # Imported only now: Ray reads the job's auth token (set by ray_on_slurm) when first imported.
+            from sa_sft.engines.pool import dry_run as engines_dry_run
             report["engines"] = engines_dry_run(cfg.generate, own_machine)
     if any(s.on_slurm == "ranks" for s in specs):
         report["train"] = ranks_dry_run(cfg, run)

@@ -34,8 +34,11 @@ class RankActor:
         self.proc = None
 
     def address(self) -> tuple[str, int, str]:
-        """This node's IP, a free port on it, and the Ray node id."""
-        return ray.util.get_node_ip_address(), free_port(""), ray.get_runtime_context().get_node_id()
+        """This node's address as Ray knows it (the raylet's --node-ip-address, which other nodes reach),
+        a free port on it, and the Ray node id."""
+        node = ray.get_runtime_context().get_node_id()
+        ip = next((n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node), None)
+        return ip or ray.util.get_node_ip_address(), free_port(""), node
 
     def sees(self) -> dict:
         """What the trainer process started here would see of its devices (for --dry-run)."""

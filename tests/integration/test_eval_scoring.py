@@ -79,3 +79,40 @@ def test_engine_scores_match_transformers(model_name, tmp_path):
         differ = [i for i, (x, y) in enumerate(zip(a["per_item"], b["per_item"])) if x != y]
         assert len(differ) <= 1, (kind, differ)
     assert math.isfinite(ours["mean_nll"]) and ours["tokens"] > 50
+
+
+def test_engines_serve_the_base_then_another_checkpoint(tmp_path, tiny_model):
+    """Evaluation scores the base, then the fine-tuned checkpoint: the scores after the switch are the
+    other checkpoint's, as transformers computes them (tied embeddings included)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sa_sft.cluster.ray_cluster import ray_session
+    from sa_sft.config import load_config
+    from sa_sft.evaluate import scoring
+    from sa_sft.evaluate.stage import Engines
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    weights = load_file(str(other / "model.safetensors"))
+    torch.manual_seed(3)
+    weights = {k: (v.float() + 0.05 * torch.randn_like(v.float())).to(v.dtype) for k, v in weights.items()}
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    cfg = load_config("tiny", ["generate.dtype=float32", "evaluate.max_seq_len=512", f"output_dir={tmp_path}"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    requests = scoring.nll_requests(tokenizer, conversations(), 512)
+    with ray_session("") as own_machine:
+        engines = Engines(cfg, tiny_model, own_machine)
+        try:
+            before = engines.score(requests)
+            engines.serve(other)
+            after = engines.score(requests)
+        finally:
+            engines.close()
+    for path, got in ((tiny_model, before), (other, after)):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        want = reference_logprobs(model, requests.sequences, requests.positions)
+        assert abs(scoring.nll_result(got)["mean_nll"] - scoring.nll_result(want)["mean_nll"]) < TOLERANCE, path
+    assert abs(scoring.nll_result(before)["mean_nll"] - scoring.nll_result(after)["mean_nll"]) > 10 * TOLERANCE
