@@ -120,14 +120,26 @@ def raylet_srun(alloc: Allocation, nodes: list[str]) -> list[str]:
     return srun_command(nodes, cpus_per_task=alloc.cpus_per_node, extra=("--label",))
 
 
+_job_token: str | None = None
+
+
+def job_token() -> str:
+    """One fresh token per process (a Slurm job's driver), whatever number of Ray clusters it starts."""
+    global _job_token
+    if _job_token is None:
+        _job_token = secrets.token_hex(32)
+    return _job_token
+
+
 @contextlib.contextmanager
 def ray_on_slurm(alloc: Allocation, ccfg: ClusterConfig, run: RunDir):
     """A Ray cluster over the allocation for the duration: the head on the first node, a worker on every
     other (each an `srun --overlap` step running `ray start --block`), joined before this yields and
     stopped, with every node checked free, after."""
     # Token authentication: only processes given this job's token join; it travels in the
-    # environment (srun passes it on), never in a file. Ray reads it when first imported.
-    token_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # environment (srun passes it on), never in a file. Ray reads it when first imported, so every
+    # Ray cluster of one job (generation's, then evaluation's) uses the same token.
+    token_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": job_token()}
     saved_env = {k: os.environ.get(k) for k in token_env}
     os.environ.update(token_env)
     import ray

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 from collections import deque
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import ray
@@ -98,9 +99,13 @@ class Placement:
 
 
 @ray.remote(num_cpus=0)
-def _worker_sees() -> dict:
-    return {"node": node_label(), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+class _WorkerProbe:
+    """Where one of vLLM's tensor-parallel workers would run (an actor, as vLLM's Ray executor makes them,
+    holding its GPU while the others are placed)."""
+
+    def sees(self) -> dict:
+        return {"node": node_label(), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
 
 @ray.remote(max_restarts=0)
@@ -111,9 +116,13 @@ class EngineProbe:
         seen = {"node": node_label(), "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
                 "env": {k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "OMP_"))}}
-        if tp_workers > 1:  # as vLLM's Ray executor: one worker per GPU of the engine's placement group
-            seen["workers"] = ray.get([_worker_sees.options(num_gpus=1, num_cpus=1).remote()
-                                       for _ in range(tp_workers)])
+        if tp_workers > 1:  # as vLLM's Ray executor: one worker actor per GPU of the engine's placement group
+            workers = [_WorkerProbe.options(num_gpus=1, num_cpus=1).remote() for _ in range(tp_workers)]
+            try:
+                seen["workers"] = ray.get([w.sees.remote() for w in workers])
+            finally:
+                for worker in workers:
+                    ray.kill(worker)
         return seen
 
 
@@ -135,6 +144,8 @@ class EnginePool:
     def __init__(self, gcfg: GenerateConfig, model_path: str, trust_remote_code: bool, seed: int,
                  own_machine: bool = True, max_model_len: int | None = None):
         self.gcfg = gcfg
+        # Absolute: the engines may run on other nodes, in another working directory.
+        model_path = str(Path(model_path).resolve())
         self.kwargs = engine_kwargs(gcfg, model_path, trust_remote_code, seed, max_model_len)
         self.placement = Placement(gcfg, own_machine)
         self.started = 0
