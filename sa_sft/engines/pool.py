@@ -140,6 +140,14 @@ def dry_run(gcfg: GenerateConfig, own_machine: bool) -> list[dict]:
         placement.close()
 
 
+def stream_depth(gcfg: GenerateConfig) -> int:
+    """Shards held per engine: the next one waits in the actor; streamed, enough to fill vLLM's batch
+    (`max_num_seqs`) with one more behind them."""
+    if gcfg.schedule != "stream":
+        return 2
+    return 1 + max(1, -(-gcfg.max_num_seqs // gcfg.shard_size))
+
+
 class EnginePool:
     def __init__(self, gcfg: GenerateConfig, model_path: str, trust_remote_code: bool, seed: int,
                  own_machine: bool = True, max_model_len: int | None = None):
@@ -158,7 +166,8 @@ class EnginePool:
         # Named so operators (and the fault tests) can find an engine: `ray list actors`, ray.get_actor.
         options = {"name": f"sa_sft_engine_{index}_{self.started}", "namespace": ENGINE_NAMESPACE,
                    **self.placement.options(index)}
-        return EngineActor.options(**options).remote(self.kwargs, self.gcfg.fast_top_p and self.gcfg.device == "cpu")
+        return EngineActor.options(**options).remote(self.kwargs, self.gcfg.fast_top_p and self.gcfg.device == "cpu",
+                                                     self.gcfg.schedule == "stream")
 
     def _wait_ready(self, indices: Iterable[int]) -> list[dict]:
         refs = [self.actors[i].info.remote() for i in indices]
@@ -175,13 +184,13 @@ class EnginePool:
         self.actors[index] = self._start(index)
         self._wait_ready([index])
 
-    def map_work(self, items: Iterable, call: Callable, max_restarts: int = 3, depth: int = 2) -> Iterator[dict]:
+    def map_work(self, items: Iterable, call: Callable, max_restarts: int = 3, depth: int = 0) -> Iterator[dict]:
         """Run `call(actor, item)` (an actor method's remote call) for each item; yield results as they finish.
 
-        Each engine holds up to `depth` items (the next one waits in the actor's queue), so it
-        never idles while the driver writes a result. A dead engine is replaced once and every
-        item it held is re-queued.
+        Each engine holds up to `depth` items (0: `stream_depth`), so it never idles while the driver
+        writes a result. A dead engine is replaced once and every item it held is re-queued.
         """
+        depth = depth or stream_depth(self.gcfg)
         pending = deque(items)
         slots = deque(engine for _ in range(depth) for engine in range(len(self.actors)))
         in_flight: dict = {}

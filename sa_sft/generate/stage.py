@@ -149,7 +149,7 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     max_shards = gcfg.max_shards or 4 * max(planned, 1)
     sampling = {k: getattr(gcfg, k) for k in ("strategy", "temperature", "top_p", "top_k", "turns",
                                               "max_user_tokens", "max_assistant_tokens")}
-    tokens, pool = 0, None
+    tokens, pool, in_flight_peak = 0, None, 0
     from sa_sft.cluster.ray_cluster import ray_session
     from sa_sft.engines.pool import EnginePool
     from sa_sft.generate.strategies import ShardProgram
@@ -177,6 +177,7 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
                     done.add(result["shard"])
                     shards_by_node[result["node"]] += 1
                     tokens += result["tokens"]
+                    in_flight_peak = max(in_flight_peak, result["in_flight_peak"])
                     bar.update(min(len(accepted), target - bar.n))
                     bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
                 dups = DuplicateIndex(near_threshold=gcfg.near_dup_threshold) if gcfg.dedup and not rewrite else None
@@ -215,6 +216,8 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
         tokens_generated_this_run=tokens,
         tokens_per_second=round(tokens / (time.time() - stage.started), 1) if tokens else None,
         engines=gcfg.engines,
+        schedule=gcfg.schedule,
+        engine_in_flight_peak_this_run=in_flight_peak,
         engine_restarts=pool.restarts if pool else 0,
         engine_nodes=sorted(engine["node"] for engine in pool.info) if pool else [],
         shards_by_node_this_run=dict(sorted(shards_by_node.items())),

@@ -137,6 +137,11 @@ class ShardProgram:
     def __post_init__(self):
         self.strategy = self.sampling["strategy"]
 
+    @property
+    def priority(self) -> int:
+        """Earlier shards first when an engine streams several (lower runs first)."""
+        return self.shard
+
     def start(self) -> list[dict]:
         if self.task_rows is not None:
             return [new_state(self.shard, i, row) for i, row in enumerate(self.task_rows)]

@@ -34,6 +34,8 @@ def test_same_samples_with_one_and_two_engines(tmp_path):
     assert len(a) == 32 and a == b
     manifest = json.loads((two / "generate" / "manifest.json").read_text())
     assert manifest["engines"] == 2 and manifest["num_samples"] == 32
+    # One shard at a time per engine: never more requests in an engine than a shard has dialogues.
+    assert manifest["schedule"] == "shard" and manifest["engine_in_flight_peak_this_run"] <= 8
 
 
 def kill_generation_at(run_dir: Path, point: str, args: list[str]) -> None:
@@ -141,6 +143,34 @@ def test_engine_killed_mid_run_is_replaced_and_the_run_completes(tmp_path):
     assert killed, "the engine was never killed"
     assert manifest["num_samples"] == 48 and manifest["engine_restarts"] >= 1
     assert len(dialogues(Path(cfg.output_dir))) == 48
+
+
+def test_streamed_shards_share_the_batch_and_survive_sigkill(tmp_path, uninterrupted):
+    """generate.schedule=stream: shards join the running batch (more requests in flight than a shard
+    holds), each is still written whole, and a SIGKILL + rerun completes the same dialogues (same ids,
+    prompts and seeds; the texts may differ, since vLLM's numerics depend on the batch)."""
+    run_dir = tmp_path / "run"
+    stream = ["generate.schedule=stream", "generate.max_num_seqs=16", "generate.num_samples=64", *TINY]
+    kill_generation_at(run_dir, "between shards", [sys.executable, "-m", "sa_sft.cli", "generate", "tiny",
+                                                   f"output_dir={run_dir}", *stream])
+    shards = run_dir / "generate" / "shards"
+    before = {p.name: p.read_bytes() for p in shards.glob("shard-*.jsonl")}
+    from sa_sft.rundir import RunDir
+    run = RunDir(run_dir)
+    # Every shard on disk is whole: its accepted and rejected dialogues add up to the shard's size.
+    assert before and all(len(run.shard(k).read_bytes().splitlines()) + len(run.rejected_shard(k).read_bytes().splitlines())
+                          == 8 for k in range(32) if run.shard(k).exists())
+
+    rerun = run_cli("generate", "tiny", f"output_dir={run_dir}", *stream)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert all((shards / name).read_bytes() == data for name, data in before.items())
+    manifest = json.loads((run_dir / "generate" / "manifest.json").read_text())
+    assert manifest["schedule"] == "stream" and manifest["engine_in_flight_peak_this_run"] > 8
+    got = dialogues(run_dir)
+    assert len(got) == 64 and not list((run_dir / "generate").rglob("*.tmp"))
+    rows = {row["id"]: row for row in run.load_self_dialogues()}
+    assert all(row["seeds"] and row["messages"][0]["role"] == "user" for row in rows.values())
+    assert set(got) <= {f"self-{k:05d}-{i:04d}" for k in range(32) for i in range(8)}
 
 
 @pytest.mark.parametrize("strategy", ["topic_prompted", "rewrite"])
