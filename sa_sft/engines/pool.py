@@ -145,7 +145,8 @@ def stream_depth(gcfg: GenerateConfig) -> int:
     (`max_num_seqs`) with one more behind them."""
     if gcfg.schedule != "stream":
         return 2
-    return 1 + max(1, -(-gcfg.max_num_seqs // gcfg.shard_size))
+    # At most 32: each waits in one of the actor's threads (EngineActor's max_concurrency).
+    return min(32, 1 + max(1, -(-gcfg.max_num_seqs // gcfg.shard_size)))
 
 
 class EnginePool:
