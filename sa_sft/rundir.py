@@ -8,6 +8,7 @@ through it. The layout is the contract in the README ("Outputs of a run"):
     RUN/STAGE/manifest.json              written last, atomically: what the stage produced
     RUN/generate/shards/shard-K.jsonl    accepted self-dialogues of shard K
     RUN/generate/rejected/shard-K.jsonl  dialogues the filters rejected, with the reason
+    RUN/generate/minhash/shard-K.npz     shard K's duplicate-check signatures (a cache, remade when stale)
     RUN/mix/rank-R/                      tokenized training data of rank R (Arrow)
     RUN/mix/heldout/{task,self}.jsonl    held-out task rows and self-dialogues
     RUN/train/final/                     the fine-tuned model (safetensors, tokenizer, chat template)
@@ -265,6 +266,11 @@ class RunDir:
     def rejected_shard(self, k: int) -> Path:
         return self.rejected_dir / f"shard-{k:05d}.jsonl"
 
+    def shard_signatures(self, k: int) -> Path:
+        """Exact keys and MinHash signatures of shard k's user turns, tied to the shard's sha256
+        inside the file (a changed or regenerated shard makes them stale, and they are remade)."""
+        return self.stage_dir("generate") / "minhash" / f"shard-{k:05d}.npz"
+
     @property
     def selection_rejects(self) -> Path:
         """Dialogues dropped when the shards were walked in order (duplicates, contamination)."""
@@ -278,11 +284,12 @@ class RunDir:
         for stale in self.stage_dir(name).rglob(".*.tmp"):
             stale.unlink()
 
-    def shard_record(self, k: int, take: int, skip: list[str], rows: int) -> dict:
-        """What the generate manifest lists for shard k: which of its rows were selected, and its hash."""
+    def shard_record(self, k: int, take: int, skip: list[str], rows: int, sha256: str | None = None) -> dict:
+        """What the generate manifest lists for shard k: which of its rows were selected, and its hash
+        (`sha256` when the caller already hashed the file's bytes)."""
         path = self.shard(k)
         return {"file": str(path.relative_to(self.stage_dir("generate"))), "rows": rows, "take": take,
-                "skip": skip, "sha256": sha256_file(path)}
+                "skip": skip, "sha256": sha256 or sha256_file(path)}
 
     def load_selected(self, shards: list[dict]) -> list[dict]:
         """The rows the shard records select, each file checked against its recorded hash."""
