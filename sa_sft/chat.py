@@ -85,31 +85,24 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_len: int,
     return Tokenized(ids[:max_len], labels[:max_len], truncated)
 
 
-def labels_from_spans(ids: list[int], starts: list[int], spans: list[tuple[int, int]], train_on_prompt: bool) -> list[int]:
-    """Each token's label: its id if the character it starts at lies in an assistant span, else IGNORE_INDEX."""
-    if train_on_prompt:
-        return list(ids)
-    starts = np.asarray(starts, dtype=np.int64)
+def loss_mask(starts: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Whether each token (by the character it starts at) lies in an assistant span: the walk of
+    tokenize_conversation, vectorized (token starts never decrease; checked)."""
     if not spans or len(starts) == 0:
-        return [IGNORE_INDEX] * len(ids)
-    if (np.diff(starts) < 0).any():  # never seen from a real tokenizer; the loop of tokenize_conversation then
-        return _labels_by_walk(ids, starts.tolist(), spans)
+        return np.zeros(len(starts), dtype=bool)
+    if (np.diff(starts) < 0).any():  # never seen from a real tokenizer; then the walk itself
+        inside, span_idx = np.zeros(len(starts), dtype=bool), 0
+        for t, start in enumerate(starts.tolist()):
+            while span_idx < len(spans) and start >= spans[span_idx][1]:
+                span_idx += 1
+            inside[t] = span_idx < len(spans) and spans[span_idx][0] <= start < spans[span_idx][1]
+        return inside
     span_starts, span_ends = np.array(spans, dtype=np.int64).T
     # The first span ending after the token's start: the token is inside iff that span began at or before it.
     k = np.searchsorted(span_ends, starts, side="right")
     inside = k < len(spans)
     inside[inside] = span_starts[k[inside]] <= starts[inside]
-    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
-
-
-def _labels_by_walk(ids: list[int], starts: list[int], spans: list[tuple[int, int]]) -> list[int]:
-    labels, span_idx = [], 0
-    for token_id, start in zip(ids, starts):
-        while span_idx < len(spans) and start >= spans[span_idx][1]:
-            span_idx += 1
-        inside = span_idx < len(spans) and spans[span_idx][0] <= start < spans[span_idx][1]
-        labels.append(token_id if inside else IGNORE_INDEX)
-    return labels
+    return inside
 
 
 class ConversationTokenizer:
@@ -132,13 +125,31 @@ class ConversationTokenizer:
         self.exact_path = 0  # conversations that took assistant_spans (tests, benchmarks)
 
     def __call__(self, conversations: list[list[dict]]) -> list[Tokenized]:
+        return [Tokenized(ids.tolist(), labels.tolist(), truncated) for ids, labels, truncated in self.arrays(conversations)]
+
+    def arrays(self, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+        """(input ids, labels, truncated) per conversation, as numpy arrays (int64)."""
         rendered = [self.spans(messages) for messages in conversations]
-        enc = self.tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
         out = []
-        for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
-            labels = labels_from_spans(ids, [start for start, _ in offsets], spans, self.train_on_prompt)
-            out.append(Tokenized(list(ids[:self.max_len]), labels[:self.max_len], len(ids) > self.max_len))
+        for (_, spans), (ids, starts) in zip(rendered, self._encode([text for text, _ in rendered])):
+            labels = ids.copy() if self.train_on_prompt else np.where(loss_mask(starts, spans), ids, IGNORE_INDEX)
+            out.append((ids[:self.max_len], labels[:self.max_len], len(ids) > self.max_len))
         return out
+
+    def _encode(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(token ids, the character each starts at) per text, as tokenizer(text, add_special_tokens=False,
+        return_offsets_mapping=True) gives them. A fast tokenizer's Rust backend is called directly
+        (transformers' conversion of each encoding to Python lists cost as much as the encoding) when
+        it neither truncates nor pads, which is what the call above sets it to."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            encodings = backend.encode_batch(texts, add_special_tokens=False)
+            pairs = [(e.ids, e.offsets) for e in encodings]
+        else:
+            enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+            pairs = zip(enc["input_ids"], enc["offset_mapping"])
+        return [(np.array(ids, dtype=np.int64), np.array(offsets, dtype=np.int64).reshape(-1, 2)[:, 0])
+                for ids, offsets in pairs]
 
     def spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """What assistant_spans(tokenizer, messages) returns, from one render when the layout allows."""

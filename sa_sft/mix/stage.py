@@ -154,7 +154,7 @@ def mix(cfg: Config, run: RunDir) -> dict:
     num_proc = resolve_num_proc(cfg.mix.num_proc, rows)
     log.info("mix: tokenizing %d rows in %d process(es)", rows, num_proc)
     fn = TokenizeRows(resolve_model(cfg.model.path), cfg.model.trust_remote_code, cfg.train.max_seq_len,
-                      cfg.train.train_on_prompt)
+                      cfg.train.train_on_prompt, one_thread=num_proc > 1)
     tokenized = tokenize_sources(run.mix_sources, fn, num_proc)
     table = tokenized.data.table
     n_tokens = table.column("n_tokens").to_numpy()

@@ -10,17 +10,17 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
-from sa_sft.chat import ConversationTokenizer
+from sa_sft.chat import IGNORE_INDEX, ConversationTokenizer
 
 SOURCES = ("task", "self", "external")
 # The input rows: the row as read (what held-out files get back) and, for rewrites, the messages to train on.
 SOURCE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("row", pa.string()),
                            ("rewrite", pa.string())])
 WRITE_BATCH = 1024
-# Rows each tokenizing process must get before a second process pays for its start (measured in
-# benchmarks/scale.py: a process costs ~1-2 s to start and load the tokenizer; 2 processes beat 1 from a few thousand rows).
+# Rows each tokenizing process must get before another process can pay for its start.
 ROWS_PER_PROCESS = 4096
 
 
@@ -78,9 +78,12 @@ class TokenizeRows:
     i.e. exactly chat.tokenize_conversation), lengths, loss-token counts and truncation flags.
     Holds only settings, so it pickles to worker processes cheaply."""
 
-    def __init__(self, model_path: str, trust_remote_code: bool, max_len: int, train_on_prompt: bool):
+    def __init__(self, model_path: str, trust_remote_code: bool, max_len: int, train_on_prompt: bool,
+                 one_thread: bool = False):
         self.args = (str(model_path), trust_remote_code)
         self.max_len, self.train_on_prompt = max_len, train_on_prompt
+        # In map's worker processes: the Rust encoder on one thread each, the processes being the parallelism.
+        self.one_thread = one_thread
         self._converter = None
 
     def __getstate__(self):
@@ -88,27 +91,34 @@ class TokenizeRows:
 
     def __call__(self, batch: dict) -> dict:
         if self._converter is None:
+            if self.one_thread:
+                os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the encoder at each call
             self._converter = ConversationTokenizer(_tokenizer(*self.args), self.max_len, self.train_on_prompt)
         conversations = [json.loads(rewrite) if rewrite is not None else json.loads(row)["messages"]
                          for row, rewrite in zip(batch["row"], batch["rewrite"])]
-        out = self._converter(conversations)
-        return {"input_ids": [t.input_ids for t in out], "labels": [t.labels for t in out],
-                "n_tokens": [len(t.input_ids) for t in out], "n_loss": [t.num_loss_tokens for t in out],
-                "truncated": [t.truncated for t in out]}
+        out = self._converter.arrays(conversations)
+        return {"input_ids": [ids.astype(np.int32) for ids, _, _ in out], "labels": [labels for _, labels, _ in out],
+                "n_tokens": [len(ids) for ids, _, _ in out],
+                "n_loss": [int((labels != IGNORE_INDEX).sum()) for _, labels, _ in out],
+                "truncated": [truncated for _, _, truncated in out]}
 
 
 def resolve_num_proc(setting: int, rows: int) -> int:
-    """mix.num_proc, or for 0 the cores this process may use, one per ROWS_PER_PROCESS rows at least."""
+    """mix.num_proc, or for 0: one process per two cores this process may use (each process's Rust
+    encoder already runs a batch on several threads; on 2 cores one process measured faster than
+    two at every size, see benchmarks/README.md), and at least ROWS_PER_PROCESS rows per process."""
     if setting > 0:
         return setting
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, rows // ROWS_PER_PROCESS))
+    return max(1, min(cores // 2, rows // ROWS_PER_PROCESS))
 
 
 def tokenize_sources(path: Path, fn: TokenizeRows, num_proc: int):
     """The candidate rows of `path` tokenized, in order, as a memory-mapped Dataset (Arrow files next to `path`)."""
     from datasets import Dataset
     rows = Dataset.from_file(str(path))
+    if num_proc > 1:
+        _tokenizer(*fn.args)  # loaded (and transformers imported) once here; forked workers inherit it
     return rows.map(fn, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
                     remove_columns=["row", "rewrite"], features=tokenized_features(),
                     load_from_cache_file=False, desc="mix: tokenize")

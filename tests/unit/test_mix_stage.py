@@ -131,3 +131,13 @@ def test_too_few_self_dialogues_is_one_line(tmp_path, tiny_model):
     with pytest.raises(UserError, match="needs 40 self samples for 40 task rows but only 12"):
         run_stage(cfg, run, run.open_stage("mix", inputs(cfg, run)))
     assert not run.mix_work.exists() and not run.rank_data(0).exists()
+
+
+def test_num_proc():
+    import os
+
+    from sa_sft.mix.tokenize import ROWS_PER_PROCESS, resolve_num_proc
+    assert resolve_num_proc(3, 10) == 3  # mix.num_proc set: as set
+    assert resolve_num_proc(0, ROWS_PER_PROCESS - 1) == 1  # too few rows to pay for a second process
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_num_proc(0, 10**9) == max(1, cores // 2)
