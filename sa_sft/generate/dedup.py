@@ -22,6 +22,7 @@ run hashes only shards it has not seen.
 import hashlib
 import io
 import logging
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,7 +171,9 @@ class Signatures:
     def save(self, path: Path, source_sha256: str) -> None:
         buf = io.BytesIO()
         np.savez(buf, exact=self.exact, minhash=self.minhash, meta=np.array([SCHEME, source_sha256]))
-        atomic_write_bytes(path, buf.getvalue())
+        # A cache: a file torn by a power cut fails to load (or to match) and is remade, so no fsync
+        # (one per shard of 64 turns cost more than hashing them).
+        atomic_write_bytes(path, buf.getvalue(), fsync=False)
 
     @classmethod
     def load(cls, path: Path, source_sha256: str) -> "Signatures | None":
@@ -180,7 +183,7 @@ class Signatures:
                 if list(f["meta"]) != [SCHEME, source_sha256]:
                     return None
                 return cls(f["exact"], f["minhash"])
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
 
 
@@ -259,8 +262,10 @@ class DuplicateIndex:
             candidates = set()
             for key in keys:
                 members = self.buckets.get(key)
-                if members is not None:
-                    candidates.update(members) if isinstance(members, list) else candidates.add(members)
+                if isinstance(members, list):
+                    candidates.update(members)
+                elif members is not None:
+                    candidates.add(members)
             if candidates:
                 self.comparisons += len(candidates)
                 others = self.signatures[np.fromiter(candidates, dtype=np.int64, count=len(candidates))]

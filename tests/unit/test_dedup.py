@@ -190,8 +190,12 @@ def test_signatures_are_kept_next_to_the_shard_and_remade_when_stale(tmp_path):
     assert (changed.minhash == first.minhash[::-1]).all()
     assert Signatures.load(path, "sha-a") is None and Signatures.load(path, "sha-b") is not None
     # A torn or foreign file is remade, never trusted.
-    path.write_bytes(b"not a numpy file")
-    assert (shard_signatures(path, "sha-b", turns).exact == first.exact).all()
+    good = path.read_bytes()
+    for torn in (b"not a numpy file", b"", good[:len(good) // 2], good[:100]):
+        path.write_bytes(torn)
+        assert Signatures.load(path, "sha-b") is None
+        assert (shard_signatures(path, "sha-b", turns[::-1]).exact == changed.exact).all()
+        assert path.read_bytes() == good
 
 
 def test_the_shard_walk_is_incremental_and_reuses_signatures(tmp_path):
