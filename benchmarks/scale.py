@@ -108,34 +108,52 @@ def dialogues(n: int, seed: int, prefix: str) -> list[dict]:
 
 
 # ---- cases, each run in a child process
+def pss(pid: int) -> tuple[int, int]:
+    """(PSS, anonymous PSS) in bytes: proportional set size (a page shared by n processes, e.g. forked
+    workers, counts 1/n in each), and its anonymous part (heap, stacks), without the file pages of
+    memory-mapped Arrow files, which the kernel drops under memory pressure."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0]) * 1024
+    return fields.get("Pss", 0), fields.get("Pss_Anon", 0)
+
+
 class PeakMemory:
-    """The peak memory of this process tree, sampled every 50 ms: the summed PSS (proportional set
-    size: pages shared between processes, e.g. forked workers, counted once) of the process and its
-    descendants, and the largest single RSS."""
+    """The peak memory of this process tree, sampled every 50 ms: the summed PSS and anonymous PSS
+    (see pss) of the process and its descendants; and the CPU seconds (user + system) the tree used."""
 
     def __init__(self):
         import psutil
-        self.proc, self.peak, self.largest, self._stop = psutil.Process(), 0, 0, threading.Event()
+        self.proc, self.peak, self.anon, self._stop = psutil.Process(), 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         import psutil
         while not self._stop.is_set():
             try:
-                info = [p.memory_full_info() for p in [self.proc, *self.proc.children(recursive=True)]]
-            except psutil.Error:
-                continue
-            self.peak = max(self.peak, sum(i.pss for i in info))
-            self.largest = max(self.largest, *(i.rss for i in info))
+                sizes = [pss(p.pid) for p in [self.proc, *self.proc.children(recursive=True)]]
+                self.peak = max(self.peak, sum(total for total, _ in sizes))
+                self.anon = max(self.anon, sum(anon for _, anon in sizes))
+            except (psutil.Error, OSError):
+                pass
             self._stop.wait(0.05)
 
+    @staticmethod
+    def _cpu() -> float:
+        import resource
+        return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+
     def __enter__(self):
+        self._cpu_start = self._cpu()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self.cpu_seconds = self._cpu() - self._cpu_start
 
 
 def case_dedup(n: int, impl: str) -> dict:
@@ -228,7 +246,9 @@ def child(name: str, n: int, impl: str, out: str) -> None:
     result = CASES[name](n, impl)
     rss = result.pop("rss")
     result.update(rows=n, seconds=round(result["seconds"], 2), rows_per_s=round(n / result["seconds"], 1),
-                  peak_memory_mib=round(rss.peak / 2**20, 1), largest_process_rss_mib=round(rss.largest / 2**20, 1))
+                  cpu_seconds=round(rss.cpu_seconds, 2), rows_per_cpu_s=round(n / rss.cpu_seconds, 1),
+                  peak_memory_mib=round(rss.peak / 2**20, 1), peak_anon_mib=round(rss.anon / 2**20, 1),
+                  load_average=list(os.getloadavg()))
     Path(out).write_text(json.dumps(result))
 
 
@@ -240,8 +260,9 @@ def run_case(name: str, n: int, impl: str, timeout: float) -> dict:
             raise SystemExit(f"case {name} {impl} {n} failed:\n{proc.stderr[-3000:]}")
         result = json.loads(Path(out.name).read_text())
     row = {"case": name, "impl": impl, **result}
-    print(f"| {name} | {impl} | {n:,} | {row['seconds']:.1f} | {row['rows_per_s']:,.0f} | {row['peak_memory_mib']:,.0f} |",
-          flush=True)
+    print(f"| {name} | {impl} | {n:,} | {row['seconds']:.1f} | {row['rows_per_s']:,.0f} | {row['cpu_seconds']:.1f} | "
+          f"{row['rows_per_cpu_s']:,.0f} | {row['peak_memory_mib']:,.0f} | {row['peak_anon_mib']:,.0f} | "
+          f"{row['load_average'][0]:.1f} |", flush=True)
     return row
 
 
@@ -274,7 +295,8 @@ def main() -> None:
     import transformers
     report = {"machine": machine(), "versions": {"datasets": datasets.__version__, "tokenizers": tokenizers.__version__,
                                                 "transformers": transformers.__version__}, "goals": GOALS, "cases": []}
-    print("| case | implementation | rows | seconds | rows/s | peak memory MiB (PSS, tree) |\n|---|---|---:|---:|---:|---:|")
+    print("| case | implementation | rows | seconds | rows/s | CPU s | rows/CPU-s | peak PSS MiB | peak anon MiB | load |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     plan = [("dedup", n, "new") for n in args.sizes] + [("dedup", n, "old") for n in args.old_sizes]
     plan += [("dedup-walk", n, "new") for n in args.sizes]
     plan += [("mix", n, "new") for n in args.sizes] + [("mix", n, "old") for n in args.old_sizes]

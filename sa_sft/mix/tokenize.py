@@ -104,13 +104,13 @@ class TokenizeRows:
 
 
 def resolve_num_proc(setting: int, rows: int) -> int:
-    """mix.num_proc, or for 0: one process per two cores this process may use (each process's Rust
-    encoder already runs a batch on several threads; on 2 cores one process measured faster than
-    two at every size, see benchmarks/README.md), and at least ROWS_PER_PROCESS rows per process."""
+    """mix.num_proc, or for 0: a process per core this process may use, each with at least
+    ROWS_PER_PROCESS rows (benchmarks/scale.py: a second process costs ~1.4 CPU-seconds and ~7%
+    more CPU in all, and each process encodes on one thread; below ~2,000 rows one process is faster)."""
     if setting > 0:
         return setting
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores // 2, rows // ROWS_PER_PROCESS))
+    return max(1, min(cores, rows // ROWS_PER_PROCESS))
 
 
 def tokenize_sources(path: Path, fn: TokenizeRows, num_proc: int):
