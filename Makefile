@@ -9,7 +9,7 @@ export SA_SFT_CACHE_DIR ?= $(CURDIR)/.cache
 export TORCH_EXTENSIONS_DIR ?= $(SA_SFT_CACHE_DIR)/torch_extensions
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup demo test test-unit bench-generation bench-training bench-evaluation gpu-check clean
+.PHONY: setup demo test test-unit bench-generation bench-training bench-evaluation bench-scale gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ bench-training: setup
 
 bench-evaluation: setup
 	$(BIN)/python benchmarks/evaluation.py
+
+bench-scale: setup
+	$(BIN)/python benchmarks/scale.py
 
 # The first GPU session's check (<= 8 minutes on one H200); writes benchmarks/results/gpu.json. It needs
 # the gpu extra installed (pip install -e '.[gpu,dev]' in the environment it runs in), not `make setup`'s CPU build.

@@ -8,7 +8,9 @@ through it. The layout is the contract in the README ("Outputs of a run"):
     RUN/STAGE/manifest.json              written last, atomically: what the stage produced
     RUN/generate/shards/shard-K.jsonl    accepted self-dialogues of shard K
     RUN/generate/rejected/shard-K.jsonl  dialogues the filters rejected, with the reason
+    RUN/generate/minhash/shard-K.npz     shard K's duplicate-check signatures (a cache, remade when stale)
     RUN/mix/rank-R/                      tokenized training data of rank R (Arrow)
+    RUN/mix/work/                        scratch Arrow files while the mix stage runs
     RUN/mix/heldout/{task,self}.jsonl    held-out task rows and self-dialogues
     RUN/train/final/                     the fine-tuned model (safetensors, tokenizer, chat template)
     RUN/train/metrics.jsonl, checkpoints/, tensorboard/, train.log
@@ -265,6 +267,11 @@ class RunDir:
     def rejected_shard(self, k: int) -> Path:
         return self.rejected_dir / f"shard-{k:05d}.jsonl"
 
+    def shard_signatures(self, k: int) -> Path:
+        """Exact keys and MinHash signatures of shard k's user turns, tied to the shard's sha256
+        inside the file (a changed or regenerated shard makes them stale, and they are remade)."""
+        return self.stage_dir("generate") / "minhash" / f"shard-{k:05d}.npz"
+
     @property
     def selection_rejects(self) -> Path:
         """Dialogues dropped when the shards were walked in order (duplicates, contamination)."""
@@ -278,30 +285,50 @@ class RunDir:
         for stale in self.stage_dir(name).rglob(".*.tmp"):
             stale.unlink()
 
-    def shard_record(self, k: int, take: int, skip: list[str], rows: int) -> dict:
-        """What the generate manifest lists for shard k: which of its rows were selected, and its hash."""
+    def shard_record(self, k: int, take: int, skip: list[str], rows: int, sha256: str | None = None) -> dict:
+        """What the generate manifest lists for shard k: which of its rows were selected, and its hash
+        (`sha256` when the caller already hashed the file's bytes)."""
         path = self.shard(k)
         return {"file": str(path.relative_to(self.stage_dir("generate"))), "rows": rows, "take": take,
-                "skip": skip, "sha256": sha256_file(path)}
+                "skip": skip, "sha256": sha256 or sha256_file(path)}
 
-    def load_selected(self, shards: list[dict]) -> list[dict]:
-        """The rows the shard records select, each file checked against its recorded hash."""
-        rows = []
+    def iter_selected(self, shards: list[dict]) -> Iterator[dict]:
+        """The rows the shard records select, one shard in memory at a time, each file checked
+        against its recorded hash before any of its rows is given."""
         for shard in shards:
             path = self.stage_dir("generate") / shard["file"]
             if sha256_file(path) != shard["sha256"]:
                 raise UserError(f"{path} changed since generation (hash mismatch); rerun generate with --overwrite")
             skip = set(shard["skip"])
-            rows += [row for row in read_jsonl(path)[: shard["take"]] if row["id"] not in skip]
-        return rows
+            yield from (row for row in read_jsonl(path)[: shard["take"]] if row["id"] not in skip)
+
+    def load_selected(self, shards: list[dict]) -> list[dict]:
+        return list(self.iter_selected(shards))
+
+    def iter_self_dialogues(self) -> Iterator[dict]:
+        """The accepted self-dialogues (or rewrites) the generate manifest lists, checked against their hashes."""
+        return self.iter_selected(self.manifest("generate")["shards"])
 
     def load_self_dialogues(self) -> list[dict]:
-        """The accepted self-dialogues (or rewrites) the generate manifest lists, checked against their hashes."""
-        return self.load_selected(self.manifest("generate")["shards"])
+        return list(self.iter_self_dialogues())
 
     # ---- mix
     def rank_data(self, rank: int) -> Path:
         return self.stage_dir("mix") / f"rank-{rank:05d}"
+
+    @property
+    def mix_work(self) -> Path:
+        """The mix stage's scratch space (the rows and their tokens as Arrow files); removed when it ends."""
+        return self.stage_dir("mix") / "work"
+
+    @property
+    def mix_sources(self) -> Path:
+        """Every candidate row (task, self, external) as read, in one Arrow file; map writes the tokens next to it."""
+        return self.mix_work / "sources.arrow"
+
+    def mix_rank_rows(self, rank: int) -> Path:
+        """Rank R's rows as one Arrow file before they are saved as the rank's dataset."""
+        return self.mix_work / f"rank-{rank:05d}.arrow"
 
     def heldout(self, name: str) -> Path:
         assert name in HELDOUT_SETS, name

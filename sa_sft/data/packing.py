@@ -10,33 +10,43 @@ import torch
 from sa_sft.chat import IGNORE_INDEX
 
 
-def pack(samples: list[dict], max_len: int, window: int = 512) -> list[dict]:
-    """First-fit-decreasing over consecutive windows of the (already shuffled) samples.
+def pack_plan(lengths: list[int], max_len: int, window: int = 512) -> list[list[int]]:
+    """The packs, each as the positions of its samples: first-fit-decreasing over consecutive windows
+    of the (already shuffled) samples, from their lengths alone.
 
     Windows keep the data order's randomness at large scale while the bin packing within a
     window fills sequences to >95% on typical SFT length distributions.
     """
     packs = []
-    for start in range(0, len(samples), window):
-        bins: list[list[dict]] = []
+    for start in range(0, len(lengths), window):
+        bins: list[list[int]] = []
         room: list[int] = []
-        for sample in sorted(samples[start:start + window], key=lambda s: -len(s["input_ids"])):
-            n = len(sample["input_ids"])
-            target = next((i for i, r in enumerate(room) if r >= n), None)
+        # sorted() is stable: samples of equal length keep their order.
+        for i in sorted(range(start, min(start + window, len(lengths))), key=lambda i: -lengths[i]):
+            n = lengths[i]
+            target = next((b for b, r in enumerate(room) if r >= n), None)
             if target is None:
-                bins.append([sample])
+                bins.append([i])
                 room.append(max_len - n)
             else:
-                bins[target].append(sample)
+                bins[target].append(i)
                 room[target] -= n
-        for members in bins:
-            packs.append({
-                "id": "+".join(s["id"] for s in members),
-                "input_ids": [t for s in members for t in s["input_ids"]],
-                "labels": [t for s in members for t in s["labels"]],
-                "seq_lens": [len(s["input_ids"]) for s in members],
-                "sources": [s["source"] for s in members],
-            })
+        packs += bins
+    return packs
+
+
+def pack(samples: list[dict], max_len: int, window: int = 512) -> list[dict]:
+    """The packs of `pack_plan` as rows: the samples' ids, tokens, labels, lengths and sources laid end to end."""
+    packs = []
+    for members in pack_plan([len(s["input_ids"]) for s in samples], max_len, window):
+        members = [samples[i] for i in members]
+        packs.append({
+            "id": "+".join(s["id"] for s in members),
+            "input_ids": [t for s in members for t in s["input_ids"]],
+            "labels": [t for s in members for t in s["labels"]],
+            "seq_lens": [len(s["input_ids"]) for s in members],
+            "sources": [s["source"] for s in members],
+        })
     return packs
 
 

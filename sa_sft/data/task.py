@@ -75,35 +75,55 @@ def bounded_lines(f, max_bytes: int):
             yield raw
 
 
+class TaskReader:
+    """The rows of a task file, validated one line at a time as they are iterated (never all in memory).
+
+    A bad row raises `FILE:LINE: reason`, or with on_bad_row=skip is counted in `skipped`; a file
+    with no usable row raises once the end is reached.
+    """
+
+    def __init__(self, spec: str, on_bad_row: str = "error", key: str = "data.task_path",
+                 max_row_bytes: int = 16 * 2**20):
+        self.path = resolve_task_path(spec, key)
+        self.on_bad_row, self.key, self.max_row_bytes = on_bad_row, key, max_row_bytes
+        self.skipped: list[str] = []
+
+    def __iter__(self):
+        self.skipped = []
+        prefix = "task" if self.key == "data.task_path" else "external"
+        rows = 0
+        with open(self.path, "rb") as f:
+            for line_no, raw in enumerate(bounded_lines(f, self.max_row_bytes), start=1):
+                if raw is not None and not raw.strip():
+                    continue
+                try:
+                    if raw is None:
+                        raise ValueError(f"line longer than {self.max_row_bytes} bytes (data.max_row_bytes)")
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"not UTF-8 (byte {e.start})") from None
+                    try:
+                        row = json.loads(text)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+                    messages = row_to_messages(row)
+                except ValueError as e:
+                    if self.on_bad_row == "error":
+                        raise UserError(f"{self.path}:{line_no}: {e} (set data.on_bad_row=skip to skip such rows)") from None
+                    self.skipped.append(f"{self.path}:{line_no}: {e}")
+                    continue
+                rows += 1
+                yield {"id": f"{prefix}-{line_no}", "messages": messages,
+                       **({"answer": row["answer"]} if "answer" in row else {})}
+        if self.skipped:
+            log.warning("skipped %d bad task rows; first: %s", len(self.skipped), self.skipped[0])
+        if not rows:
+            raise UserError(f"{self.path}: no usable task rows")
+
+
 def read_task_data(spec: str, on_bad_row: str = "error", key: str = "data.task_path",
                    max_row_bytes: int = 16 * 2**20) -> TaskData:
-    path = resolve_task_path(spec, key)
-    rows, skipped = [], []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(bounded_lines(f, max_row_bytes), start=1):
-            if raw is not None and not raw.strip():
-                continue
-            try:
-                if raw is None:
-                    raise ValueError(f"line longer than {max_row_bytes} bytes (data.max_row_bytes)")
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"not UTF-8 (byte {e.start})") from None
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
-                messages = row_to_messages(row)
-            except ValueError as e:
-                if on_bad_row == "error":
-                    raise UserError(f"{path}:{line_no}: {e} (set data.on_bad_row=skip to skip such rows)") from None
-                skipped.append(f"{path}:{line_no}: {e}")
-                continue
-            rows.append({"id": f"{'task' if key == 'data.task_path' else 'external'}-{line_no}", "messages": messages,
-                         **({"answer": row["answer"]} if "answer" in row else {})})
-    if skipped:
-        log.warning("skipped %d bad task rows; first: %s", len(skipped), skipped[0])
-    if not rows:
-        raise UserError(f"{path}: no usable task rows")
-    return TaskData(path=path, rows=rows, skipped=skipped)
+    reader = TaskReader(spec, on_bad_row, key, max_row_bytes)
+    rows = list(reader)
+    return TaskData(path=reader.path, rows=rows, skipped=reader.skipped)

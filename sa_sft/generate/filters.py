@@ -1,7 +1,7 @@
 """Filters over generated dialogues. Per-dialogue checks are pure functions returning a
-rejection reason or None; duplicate and contamination checks keep state across shards."""
+rejection reason or None; the contamination check keeps state across shards (duplicates:
+sa_sft/generate/dedup.py)."""
 import functools
-import hashlib
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -61,49 +61,6 @@ def mark_truncated(dialogue: dict) -> dict:
     messages = [{**m, "truncated": True} if finish == "length" else m
                 for m, finish in zip(dialogue["messages"], dialogue["finish_reasons"])]
     return {**dialogue, "messages": messages}
-
-
-def shingles(text: str, n: int = 5) -> set:
-    tokens = words(text)
-    return {" ".join(tokens[i:i + n]) for i in range(max(1, len(tokens) - n + 1))}
-
-
-def minhash_signature(items: set, num_perm: int) -> tuple:
-    """MinHash over salted 64-bit hashes: P(equal slot) = Jaccard similarity of the sets."""
-    sig = []
-    for seed in range(num_perm):
-        salt = seed.to_bytes(2, "little")
-        sig.append(min(int.from_bytes(hashlib.blake2b(salt + s.encode(), digest_size=8).digest(), "little")
-                       for s in items) if items else 0)
-    return tuple(sig)
-
-
-@dataclass
-class DuplicateIndex:
-    """Exact (normalized hash) and near (MinHash LSH over word 5-grams) duplicates of user turns,
-    across every shard seen so far. Shards are fed in shard order, so the first copy wins."""
-    near_threshold: float = 0.8
-    num_perm: int = 32
-    bands: int = 8
-    exact: set = field(default_factory=set)
-    buckets: dict = field(default_factory=dict)
-
-    def check_and_add(self, text: str) -> str | None:
-        key = hashlib.sha256(normalize(text).encode()).hexdigest()
-        if key in self.exact:
-            return "duplicate"
-        items = shingles(text)
-        sig = minhash_signature(items, self.num_perm)
-        rows = self.num_perm // self.bands
-        band_keys = [(b, sig[b * rows:(b + 1) * rows]) for b in range(self.bands)]
-        for band in band_keys:
-            for other_items in self.buckets.get(band, ()):
-                if len(items & other_items) / max(1, len(items | other_items)) >= self.near_threshold:
-                    return "near_duplicate"
-        self.exact.add(key)
-        for band in band_keys:
-            self.buckets.setdefault(band, []).append(items)
-        return None
 
 
 @dataclass

@@ -5,6 +5,7 @@ dialogues in shard order reach `generate.num_samples`; the first that many are u
 the result is the same whatever the number of engines or interruptions.
 """
 import collections
+import hashlib
 import json
 import logging
 import math
@@ -17,7 +18,8 @@ from sa_sft.config import Config, GenerateConfig, section_for_results
 from sa_sft.data.plan import self_samples_needed
 from sa_sft.data.task import TaskData, read_task_data
 from sa_sft.errors import UserError
-from sa_sft.generate.filters import ContaminationIndex, DuplicateIndex, mark_truncated, rejection_reason
+from sa_sft.generate.dedup import DuplicateIndex, shard_signatures
+from sa_sft.generate.filters import ContaminationIndex, mark_truncated, rejection_reason
 from sa_sft.io import atomic_write_jsonl, read_jsonl, sha256_file
 from sa_sft.models import model_identity, resolve_model
 from sa_sft.rundir import RunDir, Stage
@@ -89,34 +91,55 @@ def contamination_index(gcfg: GenerateConfig) -> ContaminationIndex | None:
     return index
 
 
-def select(run: RunDir, planned: int, target: int, dups: DuplicateIndex | None,
-           contamination: ContaminationIndex | None) -> tuple[list[dict], int, list[dict]]:
-    """Walk the shards in order, dropping duplicates and contaminated dialogues, until `target`.
+class Selection:
+    """The shards walked in order, dropping duplicates and contaminated dialogues, until `target`.
 
-    Returns per-shard records (rows taken from the file, ids skipped within them), the count
-    selected, and the dropped dialogues with their reasons.
+    The walk is incremental: a top-up round (more shards planned after a short one) goes on from
+    the first shard not yet walked, with the duplicate index as the earlier shards left it, which
+    is what walking every shard again from the start would give (each shard's verdicts depend only
+    on the shards before it). Each shard's user-turn signatures are read from the file kept next
+    to it when it has not changed since they were made, else computed and kept.
     """
-    shards, dropped, have = [], [], 0
-    for k in range(planned):
-        rows = read_jsonl(run.shard(k))
+
+    def __init__(self, run: RunDir, target: int, dups: DuplicateIndex | None,
+                 contamination: ContaminationIndex | None):
+        self.run, self.target, self.dups, self.contamination = run, target, dups, contamination
+        self.shards: list[dict] = []  # per-shard records: rows taken from the file, ids skipped within them
+        self.dropped: list[dict] = []  # the dropped dialogues with their reasons
+        self.have = 0
+        self.walked = 0
+
+    def walk(self, planned: int) -> "Selection":
+        while self.walked < planned and self.have < self.target:
+            self._walk_shard(self.walked)
+            self.walked += 1
+        return self
+
+    def _walk_shard(self, k: int) -> None:
+        data = self.run.shard(k).read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        # Split on b"\n" only: JSON escapes \r and \n in strings, but not U+2028, which str.splitlines splits on.
+        rows = [json.loads(line) for line in data.split(b"\n") if line.strip()]
+        check = None
+        if self.dups is not None:
+            signatures = shard_signatures(self.run.shard_signatures(k), sha256,
+                                          [row["messages"][0]["content"] for row in rows])
+            check = self.dups.checker(signatures)
         take, skip = 0, []
-        for row in rows:
-            if have >= target:
+        for i, row in enumerate(rows):
+            if self.have >= self.target:
                 break
             take += 1
             text = " ".join(m["content"] for m in row["messages"])
-            reason = "contaminated" if contamination and contamination.hits(text) else None
-            if reason is None and dups is not None:
-                reason = dups.check_and_add(row["messages"][0]["content"])
+            reason = "contaminated" if self.contamination and self.contamination.hits(text) else None
+            if reason is None and check is not None:
+                reason = check(i)
             if reason:
                 skip.append(row["id"])
-                dropped.append({**row, "reason": reason})
+                self.dropped.append({**row, "reason": reason})
             else:
-                have += 1
-        shards.append(run.shard_record(k, take=take, skip=skip, rows=len(rows)))
-        if have >= target:
-            break
-    return shards, have, dropped
+                self.have += 1
+        self.shards.append(self.run.shard_record(k, take=take, skip=skip, rows=len(rows), sha256=sha256))
 
 
 def write_shard(run: RunDir, shard: int, accepted: list[dict], rejected: list[dict]) -> None:
@@ -158,6 +181,8 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
         rows = task_rows[shard * gcfg.shard_size:(shard + 1) * gcfg.shard_size] if rewrite else None
         return actor.run_program.remote(ShardProgram(cfg.seed, shard, gcfg.shard_size, sampling, rows))
 
+    dups = DuplicateIndex(near_threshold=gcfg.near_dup_threshold) if gcfg.dedup and not rewrite else None
+    selection = Selection(run, target, dups, contamination)
     shards_by_node: collections.Counter = collections.Counter()
     with ray_session(cfg.cluster.ray_address) as own_machine:
         try:
@@ -180,8 +205,7 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
                     in_flight_peak = max(in_flight_peak, result["in_flight_peak"])
                     bar.update(min(len(accepted), target - bar.n))
                     bar.set_postfix(tok_s=f"{tokens / max(time.time() - started, 1e-9):.0f}")
-                dups = DuplicateIndex(near_threshold=gcfg.near_dup_threshold) if gcfg.dedup and not rewrite else None
-                shards, have, dropped = select(run, planned, target, dups, contamination)
+                shards, have, dropped = selection.walk(planned).shards, selection.have, selection.dropped
                 if have >= target:
                     break
                 observed_yield = have / (planned * gcfg.shard_size)

@@ -40,8 +40,8 @@ def test_the_contract_would_catch_an_arrow_back_up(tmp_path):
 FILE_NAMES = ("manifest.json", "plan.json", "config.yaml", "sa_sft.log", "report.json", "report.md",
               "selection.jsonl", "metrics.jsonl", "train.log", "interrupted.json", "sa_sft_export.json",
               "retention.json", "drift.json", "compare.json", "compare.md", "error.json", "generations.jsonl")
-FOLDERS = ("shards", "rejected", "heldout", "final", "eval", "checkpoints", "tensorboard", "latest", "plots",
-           "logs", "mix", "train", "generate", "evaluate", ".lock", ".slurm_probe")
+FOLDERS = ("shards", "rejected", "minhash", "heldout", "final", "eval", "checkpoints", "tensorboard", "latest", "plots",
+           "logs", "mix", "train", "generate", "evaluate", "work", ".lock", ".slurm_probe")
 PREFIXES = ("rank-", "shard-", "step-")
 FILE_RE = re.compile(r"(?<![\w.])(" + "|".join(re.escape(n) for n in FILE_NAMES) + r")\b")
 SLASHED_RE = re.compile(r"(^|/)(" + "|".join(re.escape(n) for n in FOLDERS) + r")(/|$)")

@@ -1,9 +1,8 @@
-"""Each generation filter on crafted dialogues."""
+"""Each generation filter on crafted dialogues (the duplicate check: test_dedup.py)."""
 import json
 
 from sa_sft.config import GenerateConfig
-from sa_sft.generate.filters import (ContaminationIndex, DuplicateIndex, mark_truncated, rejection_reason,
-                                     repeated_ngram_fraction)
+from sa_sft.generate.filters import ContaminationIndex, mark_truncated, rejection_reason, repeated_ngram_fraction
 
 S = GenerateConfig(min_turn_chars=3)
 
@@ -51,15 +50,6 @@ def test_refusals_are_configurable():
     assert rejection_reason(refusal, GenerateConfig(min_turn_chars=3, refusal_patterns=[])) is None
     custom = GenerateConfig(min_turn_chars=3, refusal_patterns=[r"nine minutes"])
     assert rejection_reason(dialogue(), custom) == "refusal"
-
-
-def test_exact_and_near_duplicates():
-    index = DuplicateIndex(near_threshold=0.6)
-    base = "Can you explain how photosynthesis works in plants and why it matters for life on Earth?"
-    assert index.check_and_add(base) is None
-    assert index.check_and_add("  can you EXPLAIN how photosynthesis works in plants, and why it matters for life on earth ") == "duplicate"
-    assert index.check_and_add(base.replace("on Earth?", "on our planet Earth today?")) == "near_duplicate"
-    assert index.check_and_add("What are three good ways to learn a new language as an adult?") is None
 
 
 def test_contamination_by_ngram_overlap():
