@@ -23,6 +23,7 @@ def main() -> None:
 
     from sa_sft.chat import pad_token_id
     from sa_sft.config import load_config
+    from sa_sft.data.packing import BOOKKEEPING
     from sa_sft.hardware import torch_dtype
     from sa_sft.models import resolve_model
     from sa_sft.rundir import RunDir
@@ -52,8 +53,9 @@ def main() -> None:
         batches = data.micro_batches(step)
         real = 0
         for i, batch in enumerate(batches):
-            real += int(batch.pop("real_tokens").sum())
-            batch.pop("num_samples")
+            real += int(batch["real_tokens"].sum())
+            for key in BOOKKEEPING:
+                batch.pop(key)
             ctx = model.no_sync() if i < len(batches) - 1 else torch.enable_grad()
             with ctx:
                 loss = model(**batch).loss / len(batches)
