@@ -74,14 +74,16 @@ def packing_report(lengths: list[int], max_lens=(512, 1024)) -> dict:
     return out
 
 
-def machine(precision: str) -> dict:
+def machine(precision: str, load_at_start: tuple) -> dict:
     versions = package_versions()
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown")
     return {"cpu": model, "cpus": os.cpu_count(), "cpu_flags": sorted(f for f in FLAGS if f in cpu_flags()),
             "ranks": 2, "threads_per_rank": 1, "precision": precision,
             "versions": {k: versions.get(k) for k in ("torch", "deepspeed", "transformers")},
-            "load_average_at_start": os.getloadavg()}
+            # Before the benchmark started anything: what else was running on these cores.
+            "load_average_at_start": [round(x, 2) for x in load_at_start],
+            "shared": load_at_start[0] > 0.5}
 
 
 def mean_after_warmup(values: list[float]) -> float:
@@ -99,7 +101,7 @@ def main() -> None:
                         help="a finished `sa-sft run demo`, whose mix the packer is measured on")
     args = parser.parse_args()
 
-    started = time.time()
+    started, load_at_start = time.time(), os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="sa_sft_bench_"))
     base = ["demo", f"model.path={args.model}", "generate.num_samples=0", "data.heldout_self=0", "data.heldout_task=0",
             "mix.self_ratio=0", f"data.max_task_samples={args.samples}", f"train.micro_batch_size={args.micro_batch}",
@@ -141,8 +143,7 @@ def main() -> None:
     losses = {name: [m["loss"] for m in compare["metrics"][name]] for name in ("zero3", "untuned")}
     demo = args.demo_run if (args.demo_run / "mix").is_dir() else None
     report = {
-        "machine": {**machine(precision), "load_average_at_end": os.getloadavg(),
-                    "note": "other processes shared these cores during the run (see the load averages)"},
+        "machine": {**machine(precision, load_at_start), "load_average_at_end": [round(x, 2) for x in os.getloadavg()]},
         "workload": {"model": args.model, "samples": args.samples, "micro_batch_size": args.micro_batch,
                      "max_seq_len": args.max_seq_len, "steps": args.steps, "measured_steps": args.steps - 1,
                      "how": "DDP, tuned and untuned ZeRO-3 alternated step by step in the same 2 ranks"},
@@ -195,6 +196,8 @@ def main() -> None:
                          f"{p['first_fit_decreasing']}, {p['first_fit_sequences']}; bound {p['lower_bound_sequences']})"))
     print(f"machine: {report['machine']['cpu']}, {report['machine']['cpus']} cores, "
           f"{','.join(report['machine']['cpu_flags'])}, {precision}; peak: {report['mfu']['peak_source']}")
+    if report["machine"]["shared"]:
+        print(f"other processes shared these cores: load average {load_at_start[0]:.1f} before the benchmark started")
     for name, value in rows:
         print(f"{name:<40} {value}")
     print(f"{report['seconds']} s; wrote {RESULTS}")
