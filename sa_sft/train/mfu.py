@@ -69,17 +69,17 @@ def mfu(flops: float, seconds: float, peak_flops: float) -> float:
     return flops / seconds / peak_flops if seconds > 0 and peak_flops > 0 else 0.0
 
 
-def measure_matmul_peak(dtype, device: str = "cpu", size: int = 0, repeats: int = 5) -> float:
+def measure_matmul_peak(dtype, device: str = "cpu", size: int = 0, repeats: int = 5, min_seconds: float = 1.0) -> float:
     """The best FLOP/s of a square matmul in `dtype` on this device and thread count: a peak the
-    hardware demonstrably reaches here, for devices without a datasheet figure. Best of several, since
-    other processes on the same cores only ever make it slower."""
+    hardware demonstrably reaches here, for devices without a datasheet figure. The best of at least
+    `repeats` runs and `min_seconds`, since other processes on the same cores only make it slower."""
     import torch
 
     size = size or (8192 if device == "cuda" else 2048)
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
-    best = 0.0
-    for _ in range(repeats + 1):  # the first call warms up the kernel (and AMX tile config on CPU)
+    best, runs, started = 0.0, 0, time.perf_counter()
+    while runs <= repeats or time.perf_counter() - started < min_seconds:  # run 0 warms up (AMX tiles)
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -87,7 +87,19 @@ def measure_matmul_peak(dtype, device: str = "cpu", size: int = 0, repeats: int 
         if device == "cuda":
             torch.cuda.synchronize()
         best = max(best, 2 * size ** 3 / (time.perf_counter() - start))
+        runs += 1
+        if runs > 50:
+            break
     return best
+
+
+def same_host_peaks(peaks: list[float], hosts: list[str]) -> list[float]:
+    """Each rank's measured peak raised to the best any rank measured on its host: ranks of one node
+    share its kind of cores, and a lower reading only says another process held them at the time."""
+    best = {}
+    for peak, host in zip(peaks, hosts):
+        best[host] = max(best.get(host, 0.0), peak)
+    return [best[host] for host in hosts]
 
 
 def device_peak(device: str, precision: str, dtype, override_tflops: float = 0.0) -> tuple[float, str]:

@@ -202,10 +202,11 @@ class SFTRecipe:
 
     def setup_mfu(self, model, model_config, trainable: int, dtype) -> None:
         """What MFU needs (mfu.py): the matmul parameters and attention shape, and each rank's peak (on
-        CPU every rank times its own cores, at the same time as the others, as in training)."""
+        CPU every rank times its own cores, at the same time as the others, as in training; ranks of a
+        host take the best reading among them)."""
         import torch.distributed as dist
 
-        from sa_sft.train.mfu import device_peak, matmul_params
+        from sa_sft.train.mfu import MEASURED, device_peak, matmul_params, same_host_peaks
 
         numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
         embedding = model.get_input_embeddings().weight
@@ -219,6 +220,8 @@ class SFTRecipe:
         peak, source = device_peak(self.tcfg.device, self.tcfg.precision, dtype, self.tcfg.peak_tflops)
         peaks = [None] * self.world
         dist.all_gather_object(peaks, peak)
+        if source.startswith(MEASURED):
+            peaks = same_host_peaks(peaks, [p["host"] for p in self.placement])
         self.peaks, self.peak_source = peaks, source
         log.info("MFU peak per rank: %s TFLOP/s (%s)", ", ".join(f"{p / 1e12:.2f}" for p in peaks), source)
 
@@ -341,7 +344,10 @@ class SFTRecipe:
                     f.write(json.dumps(record) + "\n")
                 if writer:
                     for key, value in record.items():
-                        if key != "step" and value is not None:
+                        if isinstance(value, list):  # per rank: one curve each
+                            for rank, v in enumerate(value):
+                                writer.add_scalar(f"train/{key}/rank{rank}", v, self.step)
+                        elif key != "step" and value is not None:
                             writer.add_scalar(f"train/{key}", value, self.step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if progress:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sa_sft.train.mfu import (MEASURED, datasheet_peak, device_peak, flops_per_token, matmul_params,
-                              measure_matmul_peak, mfu, step_flops)
+                              measure_matmul_peak, mfu, same_host_peaks, step_flops)
 
 
 def test_flops_per_token_is_palms_6n_plus_12lhqt():
@@ -65,4 +65,8 @@ def test_the_cpu_peak_is_a_timed_matmul_labelled_as_measured():
     assert source.startswith(MEASURED)
     # Somewhere between a slow core and a big server's worth of them, on the thread count set here.
     assert 1e9 < peak < 1e14
-    assert measure_matmul_peak(torch.float32, "cpu", size=256, repeats=1) > 0
+    assert measure_matmul_peak(torch.float32, "cpu", size=256, repeats=1, min_seconds=0) > 0
+
+
+def test_ranks_of_a_host_share_its_best_reading():
+    assert same_host_peaks([3.0, 1.0, 2.0, 5.0], ["a", "a", "b", "b"]) == [3.0, 3.0, 5.0, 5.0]
