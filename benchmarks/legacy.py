@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from sa_sft.chat import IGNORE_INDEX, tokenize_conversation
 from sa_sft.config import Config
-from sa_sft.data.packing import packing_efficiency
+from sa_sft.data.packing import pack, packing_efficiency
 from sa_sft.data.task import read_task_data
 from sa_sft.errors import UserError
 from sa_sft.generate.filters import normalize, words
@@ -69,35 +69,8 @@ class OldDuplicateIndex:
 
 
 
-# ---- sa_sft/data/packing.py before issue 14
-def pack(samples: list[dict], max_len: int, window: int = 512) -> list[dict]:
-    """First-fit-decreasing over consecutive windows of the (already shuffled) samples.
-
-    Windows keep the data order's randomness at large scale while the bin packing within a
-    window fills sequences to >95% on typical SFT length distributions.
-    """
-    packs = []
-    for start in range(0, len(samples), window):
-        bins: list[list[dict]] = []
-        room: list[int] = []
-        for sample in sorted(samples[start:start + window], key=lambda s: -len(s["input_ids"])):
-            n = len(sample["input_ids"])
-            target = next((i for i, r in enumerate(room) if r >= n), None)
-            if target is None:
-                bins.append([sample])
-                room.append(max_len - n)
-            else:
-                bins[target].append(sample)
-                room[target] -= n
-        for members in bins:
-            packs.append({
-                "id": "+".join(s["id"] for s in members),
-                "input_ids": [t for s in members for t in s["input_ids"]],
-                "labels": [t for s in members for t in s["labels"]],
-                "seq_lens": [len(s["input_ids"]) for s in members],
-                "sources": [s["source"] for s in members],
-            })
-    return packs
+# The packer is today's (sa_sft.data.packing.pack): its algorithm changed in issue 14 too (best fill),
+# and the comparison here is about how rows are read, tokenized and split, not how they are packed.
 
 
 # ---- sa_sft/mix/stage.py before issue 14

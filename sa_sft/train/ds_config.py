@@ -22,15 +22,32 @@ def load_preset(name_or_path: str) -> tuple[Path, dict]:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
+# On CPU no bucket is smaller than this many elements (100 MB in bf16): DeepSpeed's own default
+# prefetch size, and where gloo's per-call cost stops mattering (benchmarks/README.md, "Training").
+CPU_MIN_BUCKET = 50_000_000
+
+
 def auto_values(tcfg: TrainConfig, hidden_size: int) -> dict:
     """What each "auto" field becomes, keyed by its dotted path in the DeepSpeed config (None: the field
-    is left out, DeepSpeed's default). On GPUs gradients are reduced in fp32 (bf16 sums of many ranks
-    lose precision) while the communication overlaps the backward pass; on CPU (gloo) neither pays."""
+    is left out, DeepSpeed's default).
+
+    ZeRO sizes follow the Hugging Face integration's "auto" (also LLaMA-Factory's): buckets of
+    hidden² elements, prefetch 0.9·hidden², parameters under 10·hidden (norms, biases) kept whole on
+    every rank. On GPUs (7B: 16.8M-element buckets, 70B: 67M) NCCL overlaps these with the compute,
+    and gradients are reduced in fp32 (bf16 sums of many ranks lose precision) by reduce-scatter (half
+    the traffic of an all-reduce). On CPU gloo overlaps nothing and every collective is a
+    synchronisation of all ranks, so a small model's hidden² buckets (0.3M elements at hidden 576:
+    ~240 reduce-scatters per backward) cost more than their bytes: buckets are at least CPU_MIN_BUCKET,
+    and gradients are all-reduced, because gloo's reduce-scatter is slower than its all-reduce (1.4-2.6x
+    on the same bf16 buffers here; benchmarks/training.py measures it). Either way the whole model stays gathered from forward to backward
+    while it is under stage3_max_live_parameters / stage3_max_reuse_distance (1e9 in the presets)."""
     h2 = hidden_size * hidden_size
     gpu = tcfg.device == "cuda"
+    bucket = (lambda n: int(n)) if gpu else (lambda n: max(int(n), CPU_MIN_BUCKET))
     return {
         "communication_data_type": "fp32" if gpu and tcfg.precision == "bf16" else None,
         "zero_optimization.overlap_comm": gpu,
+        "zero_optimization.reduce_scatter": gpu,
         "train_micro_batch_size_per_gpu": tcfg.micro_batch_size,
         "gradient_accumulation_steps": tcfg.gradient_accumulation_steps,
         "gradient_clipping": tcfg.max_grad_norm,
@@ -39,9 +56,9 @@ def auto_values(tcfg: TrainConfig, hidden_size: int) -> dict:
         "optimizer.params.lr": tcfg.learning_rate,
         "optimizer.params.betas": [tcfg.adam_beta1, tcfg.adam_beta2],
         "optimizer.params.weight_decay": tcfg.weight_decay,
-        "zero_optimization.reduce_bucket_size": h2,
-        "zero_optimization.allgather_bucket_size": h2,
-        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * h2),
+        "zero_optimization.reduce_bucket_size": bucket(h2),
+        "zero_optimization.allgather_bucket_size": bucket(h2),
+        "zero_optimization.stage3_prefetch_bucket_size": bucket(0.9 * h2),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
         "zero_optimization.offload_optimizer.pin_memory": tcfg.device == "cuda",
         "zero_optimization.offload_param.pin_memory": tcfg.device == "cuda",

@@ -87,22 +87,6 @@ def setup_logging(rank: int, log_file) -> None:
                         format="%(asctime)s %(name)s [rank %(rank)s] %(message)s".replace("%(rank)s", str(rank)))
 
 
-def measure_peak_flops(dtype, device: str) -> float:
-    """A dense matmul's FLOP/s on this device and thread count: the MFU denominator."""
-    size = 8192 if device == "cuda" else 1024
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    best = 0.0
-    for _ in range(3):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ a
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
-    return best
-
-
 def loss_divisor(step_loss_tokens: int, world: int, grad_accum: int) -> float:
     """What each micro-batch's summed token loss is divided by. DeepSpeed divides every micro-batch's
     loss by grad_accum and averages gradients over the ranks, so dividing the sum by
@@ -205,7 +189,7 @@ class SFTRecipe:
         if frozen:
             log.info("froze %d tensors; %.1fM of %.1fM parameters train", len(frozen), trainable / 1e6,
                      self.num_params / 1e6)
-        self.peak_flops = tcfg.peak_tflops * 1e12 or measure_peak_flops(dtype, "cuda" if tcfg.device == "cuda" else "cpu")
+        self.setup_mfu(model, model_config, trainable, dtype)
         self.schedule = lambda step: lr_factor(step, tcfg.warmup_steps, self.total_steps, tcfg.lr_schedule,
                                                tcfg.min_lr_ratio)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -215,6 +199,31 @@ class SFTRecipe:
         log.info("training %s (%.1fM params) with ZeRO-%d on %d %s rank(s): %d samples/rank, %d steps/epoch, %d steps",
                  self.model_path.name, self.num_params / 1e6, self.zero_stage, self.world, tcfg.device,
                  len(self.dataset), self.data.steps_per_epoch, self.total_steps)
+
+    def setup_mfu(self, model, model_config, trainable: int, dtype) -> None:
+        """What MFU needs (mfu.py): the matmul parameters and attention shape, and each rank's peak (on
+        CPU every rank times its own cores, at the same time as the others, as in training; ranks of a
+        host take the best reading among them)."""
+        import torch.distributed as dist
+
+        from sa_sft.train.mfu import MEASURED, device_peak, matmul_params, same_host_peaks
+
+        numel = lambda p: p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        embedding = model.get_input_embeddings().weight
+        output = model.get_output_embeddings()
+        tied = output is not None and output.weight is embedding
+        self.mfu_params, self.mfu_trainable = matmul_params(
+            self.num_params, trainable, numel(embedding), tied)
+        heads = model_config.num_attention_heads
+        self.attn_layers = model_config.num_hidden_layers
+        self.attn_dim = heads * (getattr(model_config, "head_dim", None) or model_config.hidden_size // heads)
+        peak, source = device_peak(self.tcfg.device, self.tcfg.precision, dtype, self.tcfg.peak_tflops)
+        peaks = [None] * self.world
+        dist.all_gather_object(peaks, peak)
+        if source.startswith(MEASURED):
+            peaks = same_host_peaks(peaks, [p["host"] for p in self.placement])
+        self.peaks, self.peak_source = peaks, source
+        log.info("MFU peak per rank: %s TFLOP/s (%s)", ", ".join(f"{p / 1e12:.2f}" for p in peaks), source)
 
     def resume(self) -> None:
         """From the latest complete checkpoint: weights, optimizer, scheduler, this rank's RNG; the data
@@ -246,12 +255,18 @@ class SFTRecipe:
         """One optimizer step (grad_accum micro-batches); the loss, tokens and samples summed over ranks."""
         import torch.distributed as dist
 
+        from sa_sft.train.mfu import step_flops
+
         t0 = time.time()
         batches = self.data.micro_batches(self.step)
         data_wait = time.time() - t0
         device = self.engine.device
         step_tokens = torch.tensor([sum(b.pop("loss_tokens") for b in batches)], dtype=torch.float64, device=device)
         dist.all_reduce(step_tokens)
+        # This rank's model FLOPs (mfu.py), gathered so that MFU is reported per rank and overall.
+        flops = torch.zeros(self.world, dtype=torch.float64, device=device)
+        flops[self.rank] = step_flops(self.mfu_params, self.mfu_trainable, self.attn_layers, self.attn_dim,
+                                      [n for b in batches for n in b.pop("sample_lens")])
         divisor = loss_divisor(int(step_tokens.item()), self.world, len(batches))
         stats = torch.zeros(3, dtype=torch.float64, device=device)  # summed token loss, real tokens, samples
         for batch in batches:
@@ -263,12 +278,15 @@ class SFTRecipe:
             stats += torch.tensor([loss.item() * divisor, real_tokens.sum().item(), samples], dtype=torch.float64,
                                   device=device)
         dist.all_reduce(stats)
+        dist.all_reduce(flops)
         seconds = time.time() - t0
         self.step += 1
         return {"loss_sum": stats[0].item(), "loss_tokens": step_tokens.item(), "tokens": stats[1].item(),
-                "samples": stats[2].item(), "seconds": seconds, "data_wait": data_wait}
+                "samples": stats[2].item(), "seconds": seconds, "data_wait": data_wait, "flops": flops.tolist()}
 
     def metrics(self, done: dict) -> dict:
+        from sa_sft.train.mfu import mfu
+
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "step": self.step, "epoch": (self.step - 1) // self.data.steps_per_epoch,
@@ -276,7 +294,9 @@ class SFTRecipe:
             "lr": self.tcfg.learning_rate * self.schedule(self.step - 1),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": round(done["tokens"] / done["seconds"], 1),
-            "mfu": round(6 * self.num_params * done["tokens"] / done["seconds"] / (self.peak_flops * self.world), 4),
+            "mfu": round(mfu(sum(done["flops"]), done["seconds"], sum(self.peaks)), 4),
+            "mfu_per_rank": [round(mfu(f, done["seconds"], p), 4) for f, p in zip(done["flops"], self.peaks)],
+            "tflops_per_s": round(sum(done["flops"]) / done["seconds"] / 1e12, 4),
             "samples_per_s": round(done["samples"] / done["seconds"], 2),
             "step_seconds": round(done["seconds"], 3),
             "data_wait_s": round(done["data_wait"], 4),
@@ -324,7 +344,10 @@ class SFTRecipe:
                     f.write(json.dumps(record) + "\n")
                 if writer:
                     for key, value in record.items():
-                        if key != "step" and value is not None:
+                        if isinstance(value, list):  # per rank: one curve each
+                            for rank, v in enumerate(value):
+                                writer.add_scalar(f"train/{key}/rank{rank}", v, self.step)
+                        elif key != "step" and value is not None:
                             writer.add_scalar(f"train/{key}", value, self.step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if progress:
@@ -355,7 +378,8 @@ class SFTRecipe:
     def export_record(self) -> dict:
         return {"steps": self.step, "checkpoint": self.run.checkpoints.latest(), "num_params": self.num_params,
                 "zero_stage": self.zero_stage, "ranks": self.world, "placement": self.placement,
-                "precision": self.tcfg.precision, "base_model": str(self.model_path)}
+                "precision": self.tcfg.precision, "base_model": str(self.model_path),
+                "mfu_peak": {"tflops_per_rank": [round(p / 1e12, 3) for p in self.peaks], "source": self.peak_source}}
 
     def export(self) -> None:
         """Write train/final (rank 0), then check every tensor of it against the engine's parameter.

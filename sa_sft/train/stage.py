@@ -51,10 +51,13 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     if not checked:
         raise StageFailed(f"train: the ranks exited without a checked export in {run.final}; rerun to export again")
     metrics = read_jsonl(run.metrics)
+    per_rank = [m["mfu_per_rank"] for m in metrics if "mfu_per_rank" in m]
     return dict(steps=export["steps"], num_params=export["num_params"], zero_stage=export["zero_stage"],
                 ranks=export["ranks"], final_loss=metrics[-1]["loss"] if metrics else None,
                 first_loss=metrics[0]["loss"] if metrics else None,
                 tokens_per_s=round(sum(m["tokens_per_s"] for m in metrics) / max(len(metrics), 1), 1),
                 mfu=round(sum(m["mfu"] for m in metrics) / max(len(metrics), 1), 4),
+                mfu_per_rank=[round(sum(r) / len(r), 4) for r in zip(*per_rank)],
+                mfu_peak=export.get("mfu_peak"),
                 export_check={k: export["check"][k] for k in ("tensors", "max_abs_diff")},
                 placement=export.get("placement"), launcher_exit_code=returncode)

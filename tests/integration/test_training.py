@@ -135,6 +135,10 @@ def test_packing_freezing_and_checked_export(prepared, tmp_path):
     assert not (final["model.layers.1.mlp.up_proj.weight"].float() == base["model.layers.1.mlp.up_proj.weight"].float()).all()
     metrics = [json.loads(line) for line in (run_dir / "train" / "metrics.jsonl").open()]
     assert all(m["mfu"] > 0 and "data_wait_s" in m for m in metrics)
+    # MFU per rank, against each rank's own peak: a matmul timed on its cores (no datasheet for a CPU).
+    assert all(len(m["mfu_per_rank"]) == 2 and min(m["mfu_per_rank"]) > 0 for m in metrics)
+    assert len(train["mfu_per_rank"]) == 2 and len(train["mfu_peak"]["tflops_per_rank"]) == 2
+    assert train["mfu_peak"]["source"].startswith("measured matmul peak, not a datasheet figure")
     assert list((run_dir / "train" / "tensorboard").glob("events.out.tfevents.*"))
 
 

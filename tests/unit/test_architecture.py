@@ -82,7 +82,7 @@ def path_pieces(source: str) -> list[tuple[int, str]]:
 
 
 # Strings that look like paths but are not: TensorBoard's scalar tags.
-NOT_PATHS = {("sa_sft/train/recipe.py", "train/{}")}
+NOT_PATHS = {("sa_sft/train/recipe.py", "train/{}"), ("sa_sft/train/recipe.py", "train/{}/rank{}")}
 
 
 def test_no_path_piece_of_the_run_directory_outside_the_run_directory_module():

@@ -26,9 +26,27 @@ def test_vllm_on_gpus_captures_graphs_and_keeps_its_processes():
 def test_zero3_on_gpus_overlaps_and_reduces_in_fp32():
     gpu = build_ds_config(load_config("tiny", ["train.device=cuda"]).train, hidden_size=4096)
     assert gpu["zero_optimization"]["overlap_comm"] is True and gpu["communication_data_type"] == "fp32"
-    assert gpu["zero_optimization"]["reduce_bucket_size"] == 4096 ** 2
+    # Hugging Face's "auto" sizes at 7B (hidden 4096), reduce-scatter for the gradients.
+    zero = gpu["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 4096 ** 2 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096 ** 2)
+    assert zero["stage3_param_persistence_threshold"] == 40960 and zero["reduce_scatter"] is True
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 10 ** 9
     cpu = build_ds_config(load_config("tiny", ["train.precision=fp32"]).train, hidden_size=128)
     assert cpu["zero_optimization"]["overlap_comm"] is False and "communication_data_type" not in cpu
+
+
+def test_zero3_on_cpu_makes_few_large_collectives():
+    """gloo neither overlaps nor is cheap per call: buckets of at least CPU_MIN_BUCKET (not hidden²: 331776
+    elements at SmolLM2's 576) and gradients all-reduced (gloo's reduce-scatter is the slower one); small
+    parameters stay whole on every rank as on GPUs."""
+    from sa_sft.train.ds_config import CPU_MIN_BUCKET
+    zero = build_ds_config(load_config("demo").train, hidden_size=576)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["stage3_prefetch_bucket_size"] == CPU_MIN_BUCKET > 576 ** 2
+    assert zero["reduce_scatter"] is False and zero["stage3_param_persistence_threshold"] == 5760
+    big = build_ds_config(load_config("demo").train, hidden_size=8192)["zero_optimization"]  # 70B's hidden size
+    assert big["reduce_bucket_size"] == 8192 ** 2 > CPU_MIN_BUCKET
+    zero2 = build_ds_config(load_config("demo", ["train.deepspeed_config=zero2"]).train, hidden_size=576)
+    assert zero2["zero_optimization"]["allgather_bucket_size"] == CPU_MIN_BUCKET
 
 
 def test_gradient_checkpointing_follows_the_device():
