@@ -251,6 +251,8 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--results", default=str(RESULTS))
+    parser.add_argument("--collect", action="store_true",
+                        help="write the report from the per-system results of an earlier (cut short) run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -265,7 +267,12 @@ def main() -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for system in args.systems.split(","):
-        results[system] = run_system(args, system, log_dir)
+        if args.collect:
+            done = log_dir / f"{system}.json"
+            results[system] = (json.loads(done.read_text()) if done.exists()
+                               else {"error": "not run: the benchmark was stopped before this system"})
+        else:
+            results[system] = run_system(args, system, log_dir)
         print(f"{system}: {results[system]}", flush=True)
 
     ray_data = results.get("ray_data_llm", {})
