@@ -2,7 +2,7 @@
 precision (2 ranks), the ZeRO-3 preset as shipped and as it was before issue 14; MFU per rank; the
 packer on the demo's mix.
 
-    .venv/bin/python benchmarks/training.py [--model default] [--steps 6] [--samples 96] [--demo-run runs/demo]
+    .venv/bin/python benchmarks/training.py [--model default] [--steps 5] [--samples 96] [--demo-run runs/demo]
 
 The three configurations run alternately inside the same two ranks (benchmarks/ddp_baseline.py), so
 they share whatever else loads the machine at each moment; the first step (warm-up, allocations) is
@@ -93,7 +93,7 @@ def mean_after_warmup(values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--steps", type=int, default=6, help="steps of each configuration, alternated")
+    parser.add_argument("--steps", type=int, default=5, help="steps of each configuration, alternated (the first is warm-up)")
     parser.add_argument("--samples", type=int, default=96, help="task rows to train on")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--max-seq-len", type=int, default=512)

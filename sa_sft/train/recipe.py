@@ -343,12 +343,14 @@ class SFTRecipe:
                 with open(self.run.metrics, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if writer:
+                    scalars = {}
                     for key, value in record.items():
                         if isinstance(value, list):  # per rank: one curve each
-                            for rank, v in enumerate(value):
-                                writer.add_scalar(f"train/{key}/rank{rank}", v, self.step)
+                            scalars.update({f"{key}_rank{rank}": v for rank, v in enumerate(value)})
                         elif key != "step" and value is not None:
-                            writer.add_scalar(f"train/{key}", value, self.step)
+                            scalars[key] = value
+                    for key, value in scalars.items():
+                        writer.add_scalar(f"train/{key}", value, self.step)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if progress:
                 progress.update(1)
