@@ -16,6 +16,7 @@ the process and of any it started, sampled every 20 ms, summed).
   dedup-walk  the new check as the generate stage runs it: the same turns as JSONL shards of 64,
               walked in order (read, hashed, signatures saved next to each shard), then walked
               again the way a resumed run does (signatures read back).
+  tokenize-ab the tokenization alone, old and new alternating in one process (see case_tokenize_ab).
   mix         the whole mix stage (`sa-sft mix`) on a run directory of N/2 self-dialogues and a task
               file of N/2 rows: read, held out, mixed at lambda = 1, tokenized with the chat
               template, 2 ranks written. `mix-np1`/`mix-np2` force mix.num_proc.
@@ -238,7 +239,44 @@ def case_mix(n: int, impl: str, num_proc: int = 0) -> dict:
     return {"seconds": seconds, "rss": rss, "tokens_trained": tokens, "rows_per_rank": manifest["rows_per_rank"]}
 
 
-CASES = {"dedup": case_dedup, "dedup-walk": case_dedup_walk, "mix": case_mix,
+def case_tokenize_ab(n: int, impl: str) -> dict:
+    """The tokenization alone, old (`tokenize_conversation`, one conversation at a time) and new
+    (`ConversationTokenizer`: one render, batched encoding, numpy labels) in one process, both on one
+    encoder thread, alternating every 500 conversations, so that other work on the machine slows
+    both alike. Checks they agree, then reports each one's CPU and wall time."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from transformers import AutoTokenizer
+
+    from sa_sft.chat import ConversationTokenizer, tokenize_conversation
+    from sa_sft.models import resolve_model
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
+    conversations = [d["messages"] for d in dialogues(n, 3, "ab")]
+    new = ConversationTokenizer(tokenizer, 1024)
+    first = conversations[:200]
+    assert [(t.input_ids, t.labels) for t in new(first)] == \
+        [(t.input_ids, t.labels) for t in (tokenize_conversation(tokenizer, m, 1024) for m in first)]
+    spent = {"old": [0.0, 0.0], "new": [0.0, 0.0]}
+    tokens = 0
+    run = {"old": lambda chunk: [tokenize_conversation(tokenizer, m, 1024) for m in chunk],
+           "new": lambda chunk: new.arrays(chunk)}
+    with PeakMemory() as rss:
+        for k, start in enumerate(range(0, n, 500)):
+            chunk = conversations[start:start + 500]
+            for which in (("old", "new") if k % 2 == 0 else ("new", "old")):
+                cpu, wall = time.process_time(), time.perf_counter()
+                out = run[which](chunk)
+                spent[which][0] += time.process_time() - cpu
+                spent[which][1] += time.perf_counter() - wall
+            tokens += sum(len(ids) for ids, _, _ in out) if which == "new" else sum(len(t.input_ids) for t in out)
+    return {"seconds": spent["new"][1], "rss": rss, "tokens_per_row": round(tokens / n, 1),
+            "new_cpu_seconds": round(spent["new"][0], 2), "old_cpu_seconds": round(spent["old"][0], 2),
+            "old_seconds": round(spent["old"][1], 2), "cpu_speedup": round(spent["old"][0] / spent["new"][0], 2),
+            "wall_speedup": round(spent["old"][1] / spent["new"][1], 2),
+            "new_rows_per_cpu_s": round(n / spent["new"][0], 1), "old_rows_per_cpu_s": round(n / spent["old"][0], 1),
+            "exact_path": new.exact_path}
+
+
+CASES = {"dedup": case_dedup, "tokenize-ab": case_tokenize_ab, "dedup-walk": case_dedup_walk, "mix": case_mix,
          "mix-np1": lambda n, impl: case_mix(n, impl, 1), "mix-np2": lambda n, impl: case_mix(n, impl, 2)}
 
 
@@ -281,6 +319,9 @@ def main() -> None:
     parser.add_argument("--old-sizes", type=int, nargs="+", default=[10000, 20000], help="rows of the old ones (slow)")
     parser.add_argument("--small", type=int, nargs="+", default=[2000, 16000],
                         help="rows at which mix runs with 1 and with 2 processes (mix.num_proc's automatic choice)")
+    parser.add_argument("--ab-rows", type=int, default=20000, help="conversations of the old/new tokenization case")
+    parser.add_argument("--only", nargs="+", choices=sorted(CASES),
+                        help="run only these cases and update them in the existing results file")
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--child")
     parser.add_argument("--rows", type=int)
@@ -303,6 +344,13 @@ def main() -> None:
     plan += [("dedup-walk", n, "new") for n in args.sizes]
     plan += [("mix", n, "new") for n in args.sizes] + same_size("mix")
     plan += [(f"mix-np{p}", n, "new") for n in args.small for p in (1, 2)]
+    plan += [("tokenize-ab", args.ab_rows, "old+new")]
+    if args.only:  # update those cases of the last full run
+        plan = [step for step in plan if step[0] in args.only]
+        report = json.loads(RESULTS.read_text())
+        report["cases"] = [c for c in report["cases"] if c["case"] not in args.only]
+        report.setdefault("partial_reruns", []).append({"cases": args.only, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                        "load_average_at_start": list(os.getloadavg())})
     for name, n, impl in plan:
         report["cases"].append(run_case(name, n, impl, args.timeout))
     report["machine"]["load_average_at_end"] = list(os.getloadavg())
@@ -327,6 +375,10 @@ def main() -> None:
     summary["size_ratio"] = round(hi / lo, 2)
     for n in args.small:
         summary[f"mix_{n}_rows_seconds_np1_np2"] = [get("mix-np1", "new", n)["seconds"], get("mix-np2", "new", n)["seconds"]]
+    ab = next(c for c in report["cases"] if c["case"] == "tokenize-ab")
+    summary["tokenize_speedup_same_process"] = {"cpu": ab["cpu_speedup"], "wall": ab["wall_speedup"],
+                                                "new_rows_per_cpu_s": ab["new_rows_per_cpu_s"],
+                                                "old_rows_per_cpu_s": ab["old_rows_per_cpu_s"]}
     mix_tokens = get("mix", "new", hi)["tokens_trained"]
     summary[f"mix_{hi}_tokens_per_s"] = round(mix_tokens / get("mix", "new", hi)["seconds"])
     dedup, mix = get("dedup", "new", hi), get("mix", "new", hi)

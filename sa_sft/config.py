@@ -96,8 +96,8 @@ class MixConfig:
     self_ratio: float = opt(1.0, min=0.0, help="lambda: self-dialogue samples (or tokens) per task sample (or token); 0: task-only SFT")
     external_ratio: float = opt(0.0, min=0.0, help="external samples (or tokens) per task sample (or token), from data.external_path")
     ratio_unit: Literal["samples", "tokens"] = opt("samples", help="what the ratios count")
-    num_proc: int = opt(0, min=0, results=False, help="processes that tokenize (0: one per core this process may use, "
-                        "with at least 4096 rows each)")
+    num_proc: int = opt(0, min=0, results=False, help="processes that tokenize (0: one per idle core, i.e. cores less "
+                        "the load average, with at least 4096 rows each)")
 
 
 @dataclass

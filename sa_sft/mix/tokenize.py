@@ -104,13 +104,18 @@ class TokenizeRows:
 
 
 def resolve_num_proc(setting: int, rows: int) -> int:
-    """mix.num_proc, or for 0: a process per core this process may use, each with at least
-    ROWS_PER_PROCESS rows (benchmarks/scale.py: a second process costs ~1.4 CPU-seconds and ~7%
-    more CPU in all, and each process encodes on one thread; below ~2,000 rows one process is faster)."""
+    """mix.num_proc, or for 0: a process per idle core (the cores this process may use less the
+    1-minute load average), each with at least ROWS_PER_PROCESS rows.
+
+    Measured (benchmarks/scale.py, 2 cores, 16,000 rows): with both cores idle 2 processes took 12.8 s
+    and 1 took 17.4 s; with another program keeping one core busy 1 process took 20.1 s and 2 took
+    26.9 s (a second process costs CPU to start, and then only competes for the same core).
+    Results do not depend on it: map keeps the rows in order whatever the number of processes."""
     if setting > 0:
         return setting
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, rows // ROWS_PER_PROCESS))
+    idle = round(cores - os.getloadavg()[0]) if hasattr(os, "getloadavg") else cores
+    return max(1, min(idle, cores, rows // ROWS_PER_PROCESS))
 
 
 def tokenize_sources(path: Path, fn: TokenizeRows, num_proc: int):

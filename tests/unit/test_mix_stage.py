@@ -140,4 +140,6 @@ def test_num_proc():
     assert resolve_num_proc(3, 10) == 3  # mix.num_proc set: as set
     assert resolve_num_proc(0, ROWS_PER_PROCESS - 1) == 1  # too few rows to pay for a second process
     cores = len(os.sched_getaffinity(0))
-    assert resolve_num_proc(0, 10**9) == cores and resolve_num_proc(0, 2 * ROWS_PER_PROCESS) == min(2, cores)
+    # Automatic: never more than the cores, nor than the rows allow, and at least one.
+    assert 1 <= resolve_num_proc(0, 10**9) <= cores
+    assert resolve_num_proc(0, 2 * ROWS_PER_PROCESS) <= 2
