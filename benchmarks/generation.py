@@ -270,7 +270,7 @@ def main() -> None:
         if args.collect:
             done = log_dir / f"{system}.json"
             results[system] = (json.loads(done.read_text()) if done.exists()
-                               else {"error": "not run: the benchmark was stopped before this system"})
+                               else {"error": "no result: the benchmark was stopped before this system finished (see benchmarks/README.md)"})
         else:
             results[system] = run_system(args, system, log_dir)
         print(f"{system}: {results[system]}", flush=True)
