@@ -73,7 +73,7 @@ def run_compare(config: str, overrides: list[str], methods: list[str], overwrite
         if m != order[0] and not run.stage_dir("generate").exists() and first.finished("generate"):
             run.create()
             shutil.copytree(first.stage_dir("generate"), run.stage_dir("generate"))
-        for path in (run.scores("base"), run.generations("base"), run.kl_samples):
+        for path in (run.scores("base"), run.generations("base"), run.kl_samples, run.chat_samples):
             shared_file = first.root / run.relative(path)
             if m != order[0] and not path.exists() and shared_file.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -148,11 +148,14 @@ class EvaluateConfig:
     max_items: int = opt(0, min=0, help="items per general suite (0: all)")
     mc_scoring: Literal["text", "letter"] = opt("text", help="multiple choice: most likely option text (cloze) or option letter")
     task_checker: str = opt("auto", help="in-domain accuracy of the held-out task answers generated with vLLM: "
-                            "numeric, exact, python:FILE:FUNCTION, none, or auto (numeric for builtin:gsm_symbolic, else none)")
+                            "numeric, exact, label, python:FILE:FUNCTION, none, or auto (numeric for builtin:gsm_symbolic, "
+                            "label for builtin:family_relationships, else none)")
     max_new_tokens: int = opt(512, min=1, help="longest generated answer in generation suites")
     allow_code_execution: bool = opt(False, help="let code suites (humaneval) run model-written code in the sandbox")
     code_timeout_s: float = opt(10.0, min=0.1, help="wall-clock limit per sandboxed program")
     drift: bool = opt(True, help="measure the weights' L2 drift from the base, per layer")
+    chat_heldout: int = opt(0, min=0, max=400, help="fair retention: the base model's own answers to this many held-out "
+                            "ShareGPT prompts (no method trains on them), scored as NLL under each model (0: off)")
 
 
 @dataclass
@@ -228,8 +231,9 @@ def check_consistency(cfg: "Config") -> "Config":
     if cfg.mix.external_ratio and not cfg.data.external_path:
         raise UserError("config key mix.external_ratio needs data.external_path")
     checker = cfg.evaluate.task_checker
-    if checker not in ("auto", "none", "numeric", "exact") and not checker.startswith("python:"):
-        raise UserError(f"config key evaluate.task_checker must be auto, none, numeric, exact or python:FILE:FUNCTION; got {checker!r}")
+    if checker not in ("auto", "none", "numeric", "exact", "label") and not checker.startswith("python:"):
+        raise UserError(f"config key evaluate.task_checker must be auto, none, numeric, exact, label or "
+                        f"python:FILE:FUNCTION; got {checker!r}")
     if "humaneval" in cfg.evaluate.suites and not cfg.evaluate.allow_code_execution:
         raise UserError("evaluate.suites: humaneval runs model-written code; set evaluate.allow_code_execution=true "
                         "to run it in the sandbox (no network, limited memory and time)")

@@ -403,6 +403,11 @@ class RunDir:
         return self.eval_dir / "base-kl-samples.jsonl"
 
     @property
+    def chat_samples(self) -> Path:
+        """The base model's sampled answers to held-out ShareGPT prompts (`evaluate.chat_heldout`)."""
+        return self.eval_dir / "base-chat-samples.jsonl"
+
+    @property
     def retention(self) -> Path:
         return self.eval_dir / "retention.json"
 

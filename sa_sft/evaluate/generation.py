@@ -20,7 +20,7 @@ from sa_sft.evaluate.suites import CODE_STOP, Suite, check, extract_number, gen_
 log = logging.getLogger("sa_sft.evaluate")
 
 TASK_SUITE = "task_accuracy"
-BUILTIN_CHECKERS = {"builtin:gsm_symbolic": "numeric"}
+BUILTIN_CHECKERS = {"builtin:gsm_symbolic": "numeric", "builtin:family_relationships": "label"}
 
 
 def task_checker(cfg: Config) -> str:
@@ -62,6 +62,13 @@ def score_generated(cfg: Config, suite: Suite, completions: list[str]) -> tuple[
             outcomes = list(workers.map(lambda p: run_python(p, cfg.evaluate.code_timeout_s), programs))
         correct = [o.passed for o in outcomes]
         reasons = [o.reason for o in outcomes]
+    elif suite.kind == "ifeval":
+        from sa_sft.data.ifeval import follows
+
+        followed = [follows(row, text) for row, text in zip(suite.rows, completions)]
+        correct = [all(f) for f in followed]
+        reasons = ["passed" if all(f) else "not followed: " + ", ".join(
+            i for i, ok in zip(row["instruction_id_list"], f) if not ok) for row, f in zip(suite.rows, followed)]
     else:
         correct = [check(row.get("checker", "exact"), text, row["answer"]) for row, text in zip(suite.rows, completions)]
         reasons = ["passed" if c else "wrong" for c in correct]

@@ -109,6 +109,17 @@ def kl_prompts(tokenizer, conversations: list[list[dict]], max_len: int, answer_
     return prompts, [derive_seed(seed, "evaluate", "kl", i) for i in range(len(prompts))]
 
 
+def chat_prompts(tokenizer, prompts: list[str], max_len: int, answer_tokens: int,
+                 seed: int) -> tuple[list[list[int]], list[int]]:
+    """Single user prompts as contexts for the base model's answers, with a sampling seed each."""
+    contexts = []
+    for prompt in prompts:
+        ids = tokenizer(assistant_prompt(tokenizer, [{"role": "user", "content": prompt}]),
+                        add_special_tokens=False)["input_ids"]
+        contexts.append(ids[-max(1, max_len - answer_tokens):])
+    return contexts, [derive_seed(seed, "evaluate", "chat", i) for i in range(len(contexts))]
+
+
 def kl_requests(prompts: list[list[int]], answers: list[list[int]]) -> Requests:
     """The base model's sampled answers after their contexts, to be scored by the fine-tuned model."""
     return Requests([p + a for p, a in zip(prompts, answers)],

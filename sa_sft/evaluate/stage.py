@@ -6,7 +6,10 @@ answers everything (scoring.py), so no process ever holds a whole model. Per mod
 eval/<model>.json as soon as it is computed, so a rerun only scores what is missing:
   - `task_heldout`: mean NLL of the held-out task answers (in-domain);
   - `self_heldout`: mean NLL of held-out self-dialogues, the base model's own answers
-    (reference-free retention);
+    (reference-free retention; drawn from what SA-SFT trains on, so it favours SA-SFT);
+  - `chat_heldout` (`evaluate.chat_heldout` > 0): mean NLL of the base model's own answers to
+    held-out ShareGPT prompts, which no method trains on (retention fair to every method), with
+    KL(base || model) on the same answers;
   - general suites (`evaluate.suites`, e.g. mmlu): accuracy with a 95% Wilson interval;
   - `task_accuracy`: the held-out task prompts answered greedily and checked
     (`evaluate.task_checker`), with generation and code suites; every answer is kept in
@@ -33,7 +36,8 @@ from sa_sft.rundir import HELDOUT_SETS, RunDir, Stage
 
 log = logging.getLogger("sa_sft.evaluate")
 
-SUITES = ("task_heldout", "self_heldout")
+SUITES = ("task_heldout", "self_heldout", "chat_heldout")
+CHAT_SUITE = "chat_heldout"
 CHUNK = 32  # sequences per engine call: small enough to spread over the engines, large enough to batch
 
 
@@ -111,7 +115,7 @@ class Engines:
 
 
 def score_model(name: str, engines: Engines, tokenizer, cfg: Config, heldout: dict, general: list[Suite],
-                run: RunDir) -> dict:
+                run: RunDir, chat: dict | None = None) -> dict:
     """Every suite for one model on its engines."""
     started = time.time()
     ecfg = cfg.evaluate
@@ -122,6 +126,15 @@ def score_model(name: str, engines: Engines, tokenizer, cfg: Config, heldout: di
             scores[suite] = scoring.nll_result(engines.score(requests))
             log.info("evaluate: %s on %s: mean NLL %.4f %s over %d tokens", name, suite,
                      scores[suite]["mean_nll"], scores[suite]["ci95"], scores[suite]["tokens"])
+    if chat:
+        # The base model's answers are scored by every model the same way (prompt log-probabilities),
+        # the base included, so the paired change compares like with like.
+        logprobs = engines.score(scoring.kl_requests(chat["prompts"], chat["answers"]))
+        scores[CHAT_SUITE] = scoring.nll_result(logprobs)
+        if name != "base":
+            scores[CHAT_SUITE]["kl_from_base"] = scoring.kl_result(chat["logprobs"], logprobs)
+        log.info("evaluate: %s on %s: mean NLL %.4f %s over %d tokens", name, CHAT_SUITE,
+                 scores[CHAT_SUITE]["mean_nll"], scores[CHAT_SUITE]["ci95"], scores[CHAT_SUITE]["tokens"])
     for suite in (s for s in general if s.kind == "mc"):
         if ecfg.mc_scoring == "text":
             requests = scoring.mc_text_requests(tokenizer, suite.rows, ecfg.max_seq_len)
@@ -133,7 +146,7 @@ def score_model(name: str, engines: Engines, tokenizer, cfg: Config, heldout: di
                  scores[suite.name]["value"], scores[suite.name]["ci95"], scores[suite.name]["n"],
                  scores[suite.name]["chance"])
     records = []
-    for suite in (s for s in general if s.kind in ("gen", "code")):
+    for suite in (s for s in general if s.kind in ("gen", "code", "ifeval")):
         prompts = [prompt_text(tokenizer, suite, row) for row in suite.rows]
         texts = engines.complete(prompts, ecfg.max_new_tokens, CODE_STOP if suite.kind == "code" else [])
         scores[suite.name], suite_records = score_generated(cfg, suite, texts)
@@ -151,6 +164,21 @@ def kl_samples(engines: Engines, tokenizer, cfg: Config, rows: list[dict]) -> di
                                         cfg.generate.max_assistant_tokens, cfg.seed)
     answers, logprobs = engines.sample(prompts, cfg.generate.max_assistant_tokens, seeds)
     return {"prompts": prompts, "answers": answers, "logprobs": logprobs}
+
+
+def chat_samples(engines: Engines, tokenizer, cfg: Config) -> dict:
+    """The base model's own answers (sampled at T=1, seeded) to the first `evaluate.chat_heldout`
+    held-out ShareGPT prompts."""
+    from sa_sft.data.prepared import prepare
+
+    path = prepare("chat_heldout")
+    rows = read_jsonl(path)
+    # The first half of the prepared prompts; the second half are the `ifeval` suite's.
+    prompts = [r["prompt"] for r in rows[:len(rows) // 2]][:cfg.evaluate.chat_heldout]
+    contexts, seeds = scoring.chat_prompts(tokenizer, prompts, cfg.evaluate.max_seq_len,
+                                           cfg.generate.max_assistant_tokens, cfg.seed)
+    answers, logprobs = engines.sample(contexts, cfg.generate.max_assistant_tokens, seeds)
+    return {"prompts": contexts, "answers": answers, "logprobs": logprobs, "source": str(path)}
 
 
 def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
@@ -171,11 +199,17 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     samples = (read_jsonl(run.kl_samples)[0] if run.kl_samples.exists() else {})
     if samples.get("fingerprint") != fingerprints["base"]:
         samples = {}
+    chat = read_jsonl(run.chat_samples)[0] if run.chat_samples.exists() else {}
+    if chat.get("fingerprint") != fingerprints["base"]:
+        chat = {}
+    needs_chat = cfg.evaluate.chat_heldout > 0 and not chat
+    if needs_chat:
+        results = {name: None for name in models}  # every model is scored on the same answers
     retention = cached(run.retention, stage.fingerprint)
     want_kl = bool(heldout["self_heldout"]) and "final" in models
     needs_samples = want_kl and not samples
     needs_kl = want_kl and retention is None
-    todo = [name for name in models if results[name] is None or (name == "base" and needs_samples)
+    todo = [name for name in models if results[name] is None or (name == "base" and (needs_samples or needs_chat))
             or (name == "final" and needs_kl)]
     if todo:
         with ray_session(cfg.cluster.ray_address) as own_machine:
@@ -184,8 +218,12 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
             try:
                 for name in todo:
                     engines.serve(models[name])
+                    if name == "base" and needs_chat:
+                        chat = {"fingerprint": fingerprints["base"], **chat_samples(engines, tokenizer, cfg)}
+                        atomic_write_jsonl(run.chat_samples, [chat])
                     if results[name] is None:
-                        results[name] = {**score_model(name, engines, tokenizer, cfg, heldout, general, run),
+                        results[name] = {**score_model(name, engines, tokenizer, cfg, heldout, general, run,
+                                                       chat or None),
                                          "path": str(models[name]), "fingerprint": fingerprints[name]}
                         atomic_write_json(run.scores(name), results[name])
                     if name == "base" and needs_samples:
@@ -216,7 +254,8 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     style_gap = (round(base_nll["task_heldout"]["mean_nll"] - base_nll["self_heldout"]["mean_nll"], 5)
                  if "task_heldout" in base_nll and "self_heldout" in base_nll else None)
     accuracy = {s.name: {name: results[name]["suites"][s.name]["value"] for name in results} for s in general}
-    files = [run.scores(name) for name in results] + ([run.retention] if retention else []) + [
+    files = [run.scores(name) for name in results] + ([run.retention] if retention else []) + (
+        [run.chat_samples] if chat else []) + [
         run.generations(name) for name in results if run.generations(name).exists()] + ([run.drift] if drift else [])
     return dict(mean_nll=summary, accuracy=accuracy, style_gap=style_gap,
                 kl_base_final=retention["mean_kl"] if retention else None,

@@ -1,10 +1,13 @@
 """Evaluation suites: multiple choice by log-likelihood, generation with a checker, and the statistics.
 
-A suite is named in `evaluate.suites` as a built-in (`mmlu`, `humaneval`) or `mc:PATH` /
-`gen:PATH` for a JSONL file of one's own:
-    mc:  {"question": str, "choices": [str, ...], "answer": index}
-    gen: {"messages": [...] (a final assistant turn is dropped) or "prompt": str, "answer": str,
-          optional "checker": numeric | exact | python:FILE:FUNCTION (default exact)}
+A suite is named in `evaluate.suites` as a built-in (`mmlu`, `humaneval`, `ifeval`, `arithmetic`) or
+`mc:PATH` / `gen:PATH` / `ifeval:PATH` for a JSONL file of one's own:
+    mc:     {"question": str, "choices": [str, ...], "answer": index}
+    gen:    {"messages": [...] (a final assistant turn is dropped) or "prompt": str, "answer": str,
+             optional "checker": numeric | exact | label | python:FILE:FUNCTION (default exact;
+          label: the same words, ignoring case and surrounding punctuation)}
+    ifeval: IFEval's rows {"prompt", "instruction_id_list", "kwargs"}, checked by lm-eval's strict
+            IFEval checker (sa_sft/data/ifeval.py)
 Multiple choice is scored by likelihood (likelihood.py); generation and code suites are
 answered greedily by vLLM (generation.py). The in-domain suite is the held-out task split,
 checked by `evaluate.task_checker`. The statistics are in stats.py.
@@ -16,12 +19,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sa_sft.data.prepared import SOURCES, prepared_path
+from sa_sft.data import ifeval
+from sa_sft.data.prepared import DERIVED, SOURCES, prepared_path
+from sa_sft.data.task import BUILTIN_DIR
 from sa_sft.errors import UserError
 
-# The built-in suites are the prepared data sets that are multiple choice or code.
-BUILTIN_SUITES = {name: source["kind"] for name, source in SOURCES.items() if source["kind"] in ("mc", "code")}
-CHECKERS = ("numeric", "exact")
+# The built-in suites: the prepared data sets that are multiple choice, code or IFEval, and the
+# committed generation suites.
+BUILTIN_SUITES = {name: source["kind"] for name, source in {**SOURCES, **DERIVED}.items()
+                  if source["kind"] in ("mc", "code", "ifeval")} | {"arithmetic": "gen"}
+USER_KINDS = ("mc", "gen", "ifeval")
+CHECKERS = ("numeric", "exact", "label")
 # Where a HumanEval completion ends: the next top-level statement.
 CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
 
@@ -29,7 +37,7 @@ CODE_STOP = ["\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#"]
 @dataclass
 class Suite:
     name: str
-    kind: str          # mc | gen | code
+    kind: str          # mc | gen | code | ifeval
     rows: list[dict]
 
 
@@ -44,7 +52,9 @@ def row_problem(kind: str, row) -> str | None:
             return "needs answer and a prompt (string) or messages (list)"
         checker = row.get("checker", "exact")
         if checker not in CHECKERS and not str(checker).startswith("python:"):
-            return f"checker must be numeric, exact or python:FILE:FUNCTION, got {checker!r}"
+            return f"checker must be numeric, exact, label or python:FILE:FUNCTION, got {checker!r}"
+    if kind == "ifeval":
+        return ifeval.row_problem(row)
     if kind == "code" and not all(isinstance(row.get(k), str) for k in ("prompt", "test", "entry_point")):
         return "needs prompt, test and entry_point strings"
     return None
@@ -52,8 +62,9 @@ def row_problem(kind: str, row) -> str | None:
 
 def load_suite(spec: str, max_items: int) -> Suite:
     if spec in BUILTIN_SUITES:
-        name, kind, path = spec, BUILTIN_SUITES[spec], prepared_path(spec)
-    elif ":" in spec and spec.split(":", 1)[0] in ("mc", "gen"):
+        name, kind = spec, BUILTIN_SUITES[spec]
+        path = BUILTIN_DIR / f"{spec}.jsonl" if (BUILTIN_DIR / f"{spec}.jsonl").exists() else prepared_path(spec)
+    elif ":" in spec and spec.split(":", 1)[0] in USER_KINDS:
         kind, raw = spec.split(":", 1)
         path = Path(raw)
         name = path.stem
@@ -61,7 +72,7 @@ def load_suite(spec: str, max_items: int) -> Suite:
             raise UserError(f"evaluate.suites: {raw} does not exist")
     else:
         raise UserError(f"evaluate.suites: {spec!r} is neither a built-in ({', '.join(BUILTIN_SUITES)}) "
-                        f"nor mc:PATH / gen:PATH")
+                        f"nor mc:PATH / gen:PATH / ifeval:PATH")
     rows = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -113,11 +124,17 @@ def python_checker(spec: str):
     return getattr(module, function)
 
 
+def label_text(text: str) -> str:
+    return " ".join(text.strip().strip(".,;:!?\"'`*").lower().split())
+
+
 def check(checker: str, completion: str, answer) -> bool:
     if checker.startswith("python:"):
         return bool(python_checker(checker)(completion, answer))
     if checker == "exact":
         return completion.strip() == str(answer).strip()
+    if checker == "label":
+        return label_text(completion) == label_text(str(answer))
     value = extract_number(completion)
     try:
         return value is not None and abs(value - float(str(answer).replace(",", ""))) < 1e-6
