@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "under output_dir), then write the comparison next to them (markdown, json) and plots.")
     p.add_argument("config", metavar="CONFIG", help="built-in config name or YAML path")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--methods", default="base,task_only,sa_sft,freeze,external",
-                   help="comma-separated subset (default: all five)")
+    p.add_argument("--methods", default="",
+                   help="comma-separated methods (default: the config's compare.methods); presets base, task_only, "
+                        "task_only_low_lr, sa_sft, freeze, external, rewrite, wise_ft; sa_sft@LAMBDA, wise_ft@ALPHA, "
+                        "METHOD+seedN")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild stages whose config or inputs changed instead of refusing")
     p = sub.add_parser("plan", help="per-GPU memory of training and generation for this model and cluster: does it fit?",
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise problem
         elif args.command == "compare":
             from sa_sft.compare import run_compare
-            run_compare(args.config, args.overrides, [m for m in args.methods.split(",") if m],
+            run_compare(args.config, args.overrides, [m for m in args.methods.split(",") if m] or None,
                         overwrite=args.overwrite)
         elif args.command == "slurm" and args.dry_run:
             from sa_sft.pipeline.slurm import dry_run_slurm

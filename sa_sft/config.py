@@ -139,6 +139,11 @@ class TrainConfig:
     log_every: int = opt(1, min=1, results=False, help="steps per line of the training metrics (JSONL)")
     threads_per_rank: int = opt(1, min=1, results=False, help="torch threads per rank on CPU")
     master_port: int = opt(0, min=0, max=65535, results=False, help="rendezvous port (0: a free one)")
+    seed: int = opt(-1, min=-1, help="seed of the training data order (-1: the run seed); the held-out split and "
+                    "generation keep the run seed, so runs that differ only here are scored on the same items")
+    interpolate_from: str = opt("", help="WiSE-FT instead of training: a fine-tuned model folder (or a run directory) "
+                                "whose weights are mixed with the base's at train.interpolate_alpha")
+    interpolate_alpha: float = opt(0.5, min=0.0, max=1.0, help="WiSE-FT: (1 - alpha) x base + alpha x fine-tuned")
 
 
 @dataclass
@@ -159,6 +164,14 @@ class EvaluateConfig:
 
 
 @dataclass
+class CompareConfig:
+    methods: list[str] = opt(["base", "task_only", "sa_sft", "freeze", "external"], results=False,
+                             help="`sa-sft compare`'s methods: presets (base, task_only, task_only_low_lr, sa_sft, "
+                                  "freeze, external, rewrite, wise_ft), PRESET@VALUE (sa_sft@LAMBDA, wise_ft@ALPHA) "
+                                  "and +seedN for another training data order (task_only+seed2)")
+
+
+@dataclass
 class ClusterConfig:
     ray_address: str = opt("", results=False, help="Ray cluster to join ('': $RAY_ADDRESS if set, else start a local one)")
     join_timeout_s: int = opt(300, min=1, results=False, help="Slurm: seconds for every node's Ray worker to join")
@@ -167,6 +180,11 @@ class ClusterConfig:
     nodes: int = opt(0, min=0, results=False, help="nodes the run uses, for the planner (0: the Slurm job's, else 1)")
     gpus_per_node: int = opt(0, min=0, results=False, help="GPUs per node, for the planner (0: this node's)")
     gpu_memory_gib: float = opt(0.0, min=0.0, results=False, help="memory per GPU in GiB, for the planner (0: this node's)")
+
+
+def train_seed(cfg) -> int:
+    """The seed of the training data order: train.seed, else the run seed."""
+    return cfg.train.seed if cfg.train.seed >= 0 else cfg.seed
 
 
 @dataclass
@@ -180,6 +198,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -45,10 +45,58 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def write_compare_plots(out: CompareDir, rows: list[dict], runs: list[RunDir]) -> list[Path]:
-    """Scores per method with their intervals, drift per layer and loss curves, one figure each."""
+# The in-domain measure on the trade-off plot's x axis, best first, and whether lower is better.
+IN_DOMAIN = (("task_accuracy", False), ("task_heldout", True))
+
+
+def tradeoff_points(paired: dict) -> tuple[str | None, list[str], dict]:
+    """Per method (pooled over its seeds where it has several): the change from the base in the
+    in-domain measure and in each general one, with intervals. Returns (x suite, y suites, points)."""
+    changes = {m: c for m, c in paired.get("vs_base", {}).items() if "+seed" not in m}
+    changes.update(paired.get("vs_base_pooled", {}))
+    suites = {s for c in changes.values() for s in c}
+    x = next((name for name, _ in IN_DOMAIN if name in suites), None)
+    ys = sorted(s for s in suites if s not in ("task_accuracy", "task_heldout", "self_heldout"))
+    return x, ys, changes
+
+
+def write_tradeoff_plot(out: CompareDir, paired: dict, plt) -> Path | None:
+    """In-domain gain against the change in each general suite, one point per method with both
+    intervals: the Pareto picture (up and to the right is better: learned more, kept more)."""
+    x, ys, changes = tradeoff_points(paired)
+    if x is None or not ys or not changes:
+        return None
+    flip_x = dict(IN_DOMAIN)[x]
+    fig, axes = plt.subplots(1, len(ys), figsize=(3.6 * len(ys), 3.6), squeeze=False)
+    for ax, y in zip(axes[0], ys):
+        flip_y = y.endswith("_heldout")  # NLL: a rise is a loss
+        for method, c in sorted(changes.items()):
+            if x not in c or y not in c:
+                continue
+            sx, sy = (-1 if flip_x else 1), (-1 if flip_y else 1)
+            cx, cy = c[x], c[y]
+            px, py = sx * cx["delta"], sy * cy["delta"]
+            xs, ys_ = sorted(sx * v for v in cx["ci95"]), sorted(sy * v for v in cy["ci95"])
+            ax.errorbar([px], [py], xerr=[[px - xs[0]], [xs[1] - px]], yerr=[[py - ys_[0]], [ys_[1] - py]],
+                        fmt="o", capsize=2, label=method)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_xlabel(f"{x} gain" + (" (NLL fall)" if flip_x else ""))
+        ax.set_ylabel(f"{y} change" + (" (NLL fall)" if flip_y else ""))
+        ax.set_title(f"learned vs kept: {y}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    return _save(fig, out.plot("tradeoff"), plt)
+
+
+def write_compare_plots(out: CompareDir, rows: list[dict], runs: list[RunDir], paired: dict | None = None) -> list[Path]:
+    """Scores per method with their intervals, the learned-vs-kept trade-off, drift per layer and loss
+    curves, one figure each."""
     plt = _pyplot()
     written = []
+    tradeoff = write_tradeoff_plot(out, paired or {}, plt)
+    if tradeoff:
+        written.append(tradeoff)
     suites = sorted({s for r in rows for s in r["scores"]})
     if suites:
         fig, axes = plt.subplots(1, len(suites), figsize=(3.2 * len(suites), 3.5), squeeze=False)

@@ -62,3 +62,28 @@ def item_sums(result: dict) -> tuple[list[float], list[int]]:
         return [float(c) for c in result["per_item"]], [1] * len(result["per_item"])
     counts = result["per_sample_tokens"]
     return [m * c for m, c in zip(result["per_sample_mean_nll"], counts)], counts
+
+
+def seeded_bootstrap_delta(sums_a: list[list[float]], sums_b: list[list[float]], counts: list[int], seed: int = 0,
+                           resamples: int = 2000) -> dict:
+    """Like paired_bootstrap_delta, with several training seeds per method: the change is the mean
+    over b's seeds minus the mean over a's, and each resample draws the items (jointly for every run)
+    and, within each method, the seeds, so the interval holds both the items' and the seeds' spread.
+    With one seed each it is the paired bootstrap."""
+    n = len(counts)
+    if n == 0 or not sums_a or not sums_b:
+        return {"delta": 0.0, "ci95": [0.0, 0.0], "n": n, "seeds": [len(sums_a), len(sums_b)]}
+    ratio = lambda sums, idx: sum(sums[i] for i in idx) / max(sum(counts[i] for i in idx), 1)
+    mean_ratio = lambda runs, idx: sum(ratio(r, idx) for r in runs) / len(runs)
+    rng = random.Random(seed)
+    stats = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        runs_a = [sums_a[rng.randrange(len(sums_a))] for _ in sums_a]
+        runs_b = [sums_b[rng.randrange(len(sums_b))] for _ in sums_b]
+        stats.append(mean_ratio(runs_b, idx) - mean_ratio(runs_a, idx))
+    stats.sort()
+    everything = range(n)
+    return {"delta": round(mean_ratio(sums_b, everything) - mean_ratio(sums_a, everything), 5),
+            "ci95": [round(stats[int(0.025 * resamples)], 5), round(stats[int(0.975 * resamples) - 1], 5)],
+            "n": n, "seeds": [len(sums_a), len(sums_b)]}

@@ -24,7 +24,9 @@ def collect(run: RunDir) -> dict:
         m = manifests["mix"]
         report["mix"] = {"counts": m["counts"], "realized_self_ratio": m["realized_self_ratio"],
                          "heldout": m["heldout"], "truncated": m["truncated"], "dropped": m["dropped"]}
-    if "train" in manifests:
+    if "train" in manifests and "interpolated" in manifests["train"]:
+        report["train"] = {"steps": 0, "interpolated": manifests["train"]["interpolated"]}
+    elif "train" in manifests:
         t = manifests["train"]
         metrics = read_jsonl(run.metrics)
         report["train"] = {"steps": t["steps"], "num_params": t["num_params"], "zero_stage": t["zero_stage"],
@@ -65,7 +67,11 @@ def render_markdown(report: dict, run: RunDir) -> str:
         lines += ["", "## Training data", "", "| source | samples | tokens | loss tokens |", "|---|---:|---:|---:|"]
         lines += [f"| {src} | {v['samples']} | {v['tokens']} | {v['loss_tokens']} |" for src, v in c.items()]
         lines += ["", f"Realized self-dialogues per task sample: {report['mix']['realized_self_ratio']}"]
-    if "train" in report:
+    if "interpolated" in report.get("train", {}):
+        w = report["train"]["interpolated"]
+        lines += ["", "## Training", "", f"None: WiSE-FT, {w['alpha']} x `{w['fine_tuned']}` + "
+                  f"{round(1 - w['alpha'], 4)} x the base model"]
+    elif "train" in report:
         t = report["train"]
         lines += ["", "## Training", "", f"{t['steps']} steps, ZeRO-{t['zero_stage']} on {t['ranks']} ranks, "
                   f"{t['num_params'] / 1e6:.1f}M parameters; loss {t['first_loss']} -> {t['final_loss']}; "

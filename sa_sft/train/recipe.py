@@ -23,7 +23,7 @@ import torch
 from sa_sft import signals
 from sa_sft.chat import pad_token_id
 from sa_sft.cluster.slurm import job_deadline, rank_env_from_slurm
-from sa_sft.config import Config, TrainConfig
+from sa_sft.config import Config, TrainConfig, train_seed
 from sa_sft.errors import StageFailed, UserError
 from sa_sft.hardware import node_name, torch_dtype
 from sa_sft.io import atomic_write_json, read_json
@@ -153,7 +153,7 @@ class SFTRecipe:
         self.model_path = resolve_model(self.cfg.model.path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.cfg.model.trust_remote_code)
         self.data = RankData(self.dataset, self.tcfg.micro_batch_size, self.tcfg.gradient_accumulation_steps,
-                             self.cfg.seed, self.rank, pad_token_id(self.tokenizer), packed=mix.get("packed", False),
+                             train_seed(self.cfg), self.rank, pad_token_id(self.tokenizer), packed=mix.get("packed", False),
                              varlen=self.tcfg.attn_implementation == "flash_attention_2")
         self.total_steps = self.tcfg.max_steps or self.tcfg.epochs * self.data.steps_per_epoch
         self.policy = CheckpointPolicy(self.tcfg.checkpoint_every, self.total_steps,

@@ -1,10 +1,12 @@
 """The train stage: launch one trainer process per rank (launchers.py), then check what they left
 in the run directory: a checked export, an interrupted run's checkpoint, or a failed rank."""
 import logging
+from pathlib import Path
 
 from sa_sft.config import Config, section_for_results
 from sa_sft.errors import Interrupted, StageFailed, UserError
 from sa_sft.io import atomic_write_text, read_json, read_jsonl
+from sa_sft.models import model_identity, resolve_model
 from sa_sft.rundir import RunDir, Stage
 from sa_sft.train.launchers import run_ranks
 from sa_sft.train.recipe import check_rank_rows
@@ -12,9 +14,32 @@ from sa_sft.train.recipe import check_rank_rows
 log = logging.getLogger("sa_sft.train")
 
 
+def interpolation_source(cfg: Config) -> Path:
+    """train.interpolate_from as a model folder: a run directory means its fine-tuned model."""
+    path = Path(cfg.train.interpolate_from)
+    return RunDir(path).final if RunDir(path).stage_dir("train").is_dir() else path
+
+
 def inputs(cfg: Config, run: RunDir) -> dict:
-    return {"mix": run.fingerprint("mix"), "model": cfg.model.path, "seed": cfg.seed,
-            "train": section_for_results(cfg.train)}
+    found = {"mix": run.fingerprint("mix"), "model": cfg.model.path, "seed": cfg.seed,
+             "train": section_for_results(cfg.train)}
+    if cfg.train.interpolate_from:
+        source = interpolation_source(cfg)
+        found["interpolate_from"] = model_identity(source) if source.is_dir() else str(source)
+    return found
+
+
+def run_interpolation(cfg: Config, run: RunDir) -> dict:
+    """WiSE-FT: the base and a fine-tuned model mixed, written as this run's fine-tuned model."""
+    from sa_sft.train.interpolate import interpolate
+
+    source = interpolation_source(cfg)
+    if not source.is_dir():
+        raise UserError(f"config key train.interpolate_from: {source} does not exist; train that run first")
+    log.info("train: WiSE-FT, %.2f x %s + %.2f x the base model, no training", cfg.train.interpolate_alpha,
+             source, 1 - cfg.train.interpolate_alpha)
+    result = interpolate(resolve_model(cfg.model.path), source, cfg.train.interpolate_alpha, run.final)
+    return dict(steps=0, interpolated=result)
 
 
 def rank_failure(returncode: int, signals: list[str], run: RunDir) -> UserError:
@@ -36,6 +61,8 @@ def rank_failure(returncode: int, signals: list[str], run: RunDir) -> UserError:
 
 
 def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
+    if cfg.train.interpolate_from:
+        return run_interpolation(cfg, run)
     check_rank_rows(run.manifest("mix")["rows_per_rank"], cfg.train)
     atomic_write_text(run.train_config, cfg.to_yaml())
     run.interrupted.unlink(missing_ok=True)

@@ -45,3 +45,56 @@ def test_compare_runs_every_method_and_writes_one_report(tmp_path, tiny_model):
     proc = sa_sft("report", *[str(root / m) for m in rows])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (root / "compare.md").read_text() == table
+
+
+def test_compare_presets_seeds_wise_ft_and_fair_retention(tmp_path, tiny_model):
+    """The presets a reviewer expects beyond the five: another seed, another lambda, a low learning
+    rate, SDFT-style rewrites and WiSE-FT; the new general suites and the held-out chat retention;
+    seeds pooled into one interval; the trade-off plot."""
+    from safetensors.torch import load_file
+
+    from sa_sft.models import resolve_model
+
+    root = tmp_path / "cmp"
+    methods = "base,task_only,task_only+seed2,sa_sft,sa_sft@2,task_only_low_lr,rewrite,wise_ft@0.5"
+    proc = sa_sft("compare", "tiny", f"output_dir={root}", "evaluate.suites=[ifeval,arithmetic]",
+                  "evaluate.max_items=8", "evaluate.chat_heldout=8", "evaluate.max_new_tokens=16",
+                  "evaluate.task_checker=label", "--methods", methods)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    comparison = json.loads((root / "compare.json").read_text())
+    rows = {r["method"]: r for r in comparison["methods"]}
+    assert list(rows) == methods.split(",")
+    for method, row in rows.items():
+        assert {"ifeval", "arithmetic", "chat_heldout"} <= set(row["scores"]), method
+    # One set of the base model's answers to the held-out chat prompts, scored by every model.
+    assert len({(root / m / "eval" / "base-chat-samples.jsonl").read_text() for m in rows}) == 1
+    base = json.loads((root / "base" / "eval" / "base.json").read_text())["suites"]
+    assert base["chat_heldout"]["samples"] == 8
+    final = json.loads((root / "task_only" / "eval" / "final.json").read_text())["suites"]
+    assert final["chat_heldout"]["kl_from_base"]["mean_kl"] > 0
+
+    # Seeds: the same items and mix, another data order, so other losses.
+    loss = lambda m: [json.loads(line)["loss"] for line in (root / m / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert loss("task_only") != loss("task_only+seed2")
+    mix = lambda m: json.loads((root / m / "mix" / "manifest.json").read_text())["counts"]
+    assert mix("task_only") == mix("task_only+seed2") and mix("sa_sft@2")["self"]["samples"] == 80
+    assert "learning_rate: 0.0001" in (root / "task_only_low_lr" / "train" / "config.yaml").read_text()
+    assert json.loads((root / "rewrite" / "generate" / "manifest.json").read_text())["strategy"] == "rewrite"
+
+    # WiSE-FT: exactly halfway between the base and task_only's weights, with no training.
+    assert not (root / "wise_ft@0.5" / "train" / "metrics.jsonl").exists()
+    base_w = load_file(str(resolve_model("tiny") / "model.safetensors"))
+    tuned = load_file(str(root / "task_only" / "train" / "final" / "model.safetensors"))
+    mixed = load_file(str(root / "wise_ft@0.5" / "train" / "final" / "model.safetensors"))
+    for name, tensor in mixed.items():
+        expected = (base_w[name].float() + 0.5 * (tuned[name].float() - base_w[name].float())).to(tensor.dtype)
+        assert (tensor == expected).all(), name
+
+    paired = comparison["paired"]
+    pooled = paired["vs_base_pooled"]["task_only"]["arithmetic"]
+    assert pooled["seeds"] == [1, 2] and pooled["ci95"][0] <= pooled["delta"] <= pooled["ci95"][1]
+    versus = paired["sa_sft_vs_task_only"]
+    assert set(versus) == {"sa_sft", "sa_sft@2"} and versus["sa_sft"]["ifeval"]["seeds"] == [2, 1]
+    assert (root / "plots" / "tradeoff.png").stat().st_size > 1000
+    table = (root / "compare.md").read_text()
+    assert "## sa_sft@2 against task-only SFT" in table and "| task_only (2) |" in table

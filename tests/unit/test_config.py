@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 import time
@@ -77,10 +78,44 @@ def test_cli_help_describes_each_subcommand():
 
 
 def test_compare_refuses_an_unknown_method_in_one_line():
-    proc = subprocess.run([sys.executable, "-m", "sa_sft.cli", "compare", "tiny", "--methods", "base,lora"],
+    proc = subprocess.run([sys.executable, "-m", "sa_sft.cli", "compare", "tiny", "--methods", "base,bogus"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: compare: unknown method(s) lora")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: compare: unknown method 'bogus' (presets: base,")
+
+
+@pytest.mark.parametrize("methods, message", [
+    ("task_only@2", "method 'task_only@2': only sa_sft@LAMBDA and wise_ft@ALPHA take a value"),
+    ("task_only,wise_ft", "method 'wise_ft' needs an alpha in [0, 1]"),
+    ("wise_ft@0.5", "method wise_ft@0.5 mixes task_only's weights; add task_only to the methods"),
+    ("task_only,wise_ft@0.5+seed2", "method wise_ft@0.5+seed2 mixes task_only+seed2's weights"),
+    ("base+seed2", "the base model is not trained, so it has no seed"),
+    ("task_only,task_only", "a method is listed twice"),
+])
+def test_compare_method_presets_refuse_bad_combinations(methods, message):
+    from sa_sft.compare import run_compare
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        run_compare("tiny", [], methods.split(","))
+
+
+def test_compare_presets_are_config_overrides(tmp_path):
+    from sa_sft.compare import method_overrides, needs
+    from sa_sft.rundir import CompareDir
+
+    cfg = load_config("tiny", ["train.learning_rate=0.0002"])
+    out = CompareDir(tmp_path)
+    assert method_overrides("task_only_low_lr", cfg, out) == ["mix.self_ratio=0", "train.learning_rate=2e-05"]
+    assert method_overrides("sa_sft@2", cfg, out) == ["mix.self_ratio=2"]
+    assert method_overrides("task_only+seed3", cfg, out) == ["mix.self_ratio=0", "train.seed=3"]
+    assert method_overrides("wise_ft@0.25+seed3", cfg, out) == [
+        "mix.self_ratio=0", f"train.interpolate_from={tmp_path / 'task_only+seed3'}", "train.interpolate_alpha=0.25"]
+    assert method_overrides("rewrite", cfg, out)[0] == "generate.strategy=rewrite"
+    assert needs("wise_ft@0.5") == "task_only" and needs("sa_sft@2") is None
+    # Every preset gives a valid config.
+    for method in ("base", "task_only", "task_only_low_lr", "sa_sft", "sa_sft@0.5", "freeze", "external", "rewrite",
+                   "wise_ft@0.5", "task_only+seed2"):
+        load_config("tiny", method_overrides(method, cfg, out))
 
 
 def test_bad_evaluation_suites_fail_before_any_stage_runs(tmp_path):

@@ -86,12 +86,15 @@ def test_compare_shares_one_generation_when_the_count_is_derived(tiny_model, tmp
 
     derived = ["generate.num_samples=-1"]
     cfg = load_config("tiny", derived)
-    shared = shared_generation("tiny", derived, cfg)
+    shared = shared_generation("tiny", derived, cfg, ["base", "task_only", "sa_sft"])
     assert shared == ["generate.num_samples=48"]  # lambda 1 x 40 training task rows + 8 held out
+    # The largest lambda among the sa_sft methods sets the count; the smaller ones take a prefix.
+    assert shared_generation("tiny", derived, cfg, ["sa_sft@0.5", "sa_sft@2", "task_only"]) == [
+        "generate.num_samples=88"]
     method_inputs = lambda extra: {m: inputs(load_config("tiny", [*derived, *extra, *method_overrides(m, cfg)]),
                                              RunDir(tmp_path)) for m in ("sa_sft", "task_only")}
     unshared = method_inputs([])
     assert unshared["sa_sft"] != unshared["task_only"]
     fixed = method_inputs(shared)
     assert fixed["sa_sft"] == fixed["task_only"]
-    assert shared_generation("tiny", [], load_config("tiny")) == []
+    assert shared_generation("tiny", [], load_config("tiny"), ["sa_sft"]) == []
