@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--methods", default="",
                    help="comma-separated methods (default: the config's compare.methods); presets base, task_only, "
-                        "task_only_low_lr, sa_sft, freeze, external, rewrite, wise_ft; sa_sft@LAMBDA, wise_ft@ALPHA, "
+                        "task_only_low_lr, sa_sft, freeze, external, rewrite, lora, wise_ft; sa_sft@LAMBDA, wise_ft@ALPHA, "
                         "METHOD+seedN")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild stages whose config or inputs changed instead of refusing")

@@ -10,6 +10,8 @@ Methods are config presets (overrides), not code paths (`compare.methods`, or --
     freeze            task-only SFT with the bottom half of the layers frozen
     external          task data + general chats from PyPI (sharegpt) at the same ratio, instead of self-dialogues
     rewrite           SDFT-style: task-only SFT on the model's own rewrites of the task answers
+    lora              task-only LoRA (peft; rank 16, alpha 32, every linear layer) at 10x the learning
+                      rate, the usual practice for adapters ("learns less, forgets less")
     wise_ft@ALPHA     WiSE-FT: the base and task_only's weights mixed at ALPHA, no training
 A +seedN suffix trains with another data order (train.seed=N; same items, same generation):
 task_only+seed2. Generation runs once (the sa_sft runs'; rewrite makes its own), every run scores
@@ -33,7 +35,7 @@ from sa_sft.train.freezing import num_layers
 
 log = logging.getLogger("sa_sft.compare")
 
-PRESETS = ("base", "task_only", "task_only_low_lr", "sa_sft", "freeze", "external", "rewrite", "wise_ft")
+PRESETS = ("base", "task_only", "task_only_low_lr", "sa_sft", "freeze", "external", "rewrite", "lora", "wise_ft")
 METHOD = re.compile(r"^(?P<preset>[a-z_]+)(?:@(?P<value>\d+(?:\.\d+)?))?(?:\+seed(?P<seed>\d+))?$")
 
 
@@ -71,6 +73,9 @@ def method_overrides(method: str, cfg: Config, out: CompareDir | None = None) ->
                 f"data.external_path={cfg.data.external_path or 'builtin:sharegpt'}", *seeded]
     if preset == "rewrite":
         return ["generate.strategy=rewrite", "mix.self_ratio=0", "data.heldout_self=0", *seeded]
+    if preset == "lora":
+        return ["mix.self_ratio=0", "train.lora_rank=16", "train.lora_alpha=32",
+                f"train.learning_rate={cfg.train.learning_rate * 10:g}", *seeded]
     # wise_ft: interpolates task_only's weights (of the same seed); no training of its own.
     source = "task_only" + (f"+seed{seed}" if seed is not None else "")
     where = (out or CompareDir(cfg.output_dir)).method(source).root

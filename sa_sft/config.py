@@ -144,6 +144,12 @@ class TrainConfig:
     interpolate_from: str = opt("", help="WiSE-FT instead of training: a fine-tuned model folder (or a run directory) "
                                 "whose weights are mixed with the base's at train.interpolate_alpha")
     interpolate_alpha: float = opt(0.5, min=0.0, max=1.0, help="WiSE-FT: (1 - alpha) x base + alpha x fine-tuned")
+    lora_rank: int = opt(0, min=0, help="LoRA (peft) adapters of this rank on train.lora_targets instead of full "
+                         "fine-tuning (0: full fine-tuning); the export merges them into plain weights")
+    lora_alpha: float = opt(16.0, min=0.0, help="LoRA scaling numerator (the update is alpha / rank x B A)")
+    lora_dropout: float = opt(0.0, min=0.0, max=1.0, help="dropout on the LoRA branch")
+    lora_targets: list[str] = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                  help="module names that get adapters")
 
 
 @dataclass
@@ -167,7 +173,7 @@ class EvaluateConfig:
 class CompareConfig:
     methods: list[str] = opt(["base", "task_only", "sa_sft", "freeze", "external"], results=False,
                              help="`sa-sft compare`'s methods: presets (base, task_only, task_only_low_lr, sa_sft, "
-                                  "freeze, external, rewrite, wise_ft), PRESET@VALUE (sa_sft@LAMBDA, wise_ft@ALPHA) "
+                                  "freeze, external, rewrite, lora, wise_ft), PRESET@VALUE (sa_sft@LAMBDA, wise_ft@ALPHA) "
                                   "and +seedN for another training data order (task_only+seed2)")
 
 
@@ -249,6 +255,9 @@ def check_consistency(cfg: "Config") -> "Config":
                         "set mix.self_ratio=0 and data.heldout_self=0")
     if cfg.mix.external_ratio and not cfg.data.external_path:
         raise UserError("config key mix.external_ratio needs data.external_path")
+    if cfg.train.lora_rank and (cfg.train.freeze_layers or cfg.train.freeze_embeddings or cfg.train.freeze_params):
+        raise UserError("config key train.lora_rank trains only the adapters (the base weights are frozen); "
+                        "train.freeze_layers, freeze_embeddings and freeze_params do not apply with it")
     checker = cfg.evaluate.task_checker
     if checker not in ("auto", "none", "numeric", "exact", "label") and not checker.startswith("python:"):
         raise UserError(f"config key evaluate.task_checker must be auto, none, numeric, exact, label or "

@@ -179,6 +179,9 @@ class SFTRecipe:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype, trust_remote_code=trust,
                                                      use_safetensors=True, attn_implementation=tcfg.attn_implementation)
         model.config.use_cache = False
+        if tcfg.lora_rank:
+            from sa_sft.train.lora import add_adapters
+            model = add_adapters(model, tcfg)
         if tcfg.gradient_checkpointing:
             # Non-reentrant: works with ZeRO-3's gathered parameters, frozen inputs and packed batches.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -427,7 +430,7 @@ class SFTRecipe:
         from sa_sft.io import atomic_dir
         from sa_sft.train.export import ShardWriter, write_model_files
 
-        state_keys = set(self.model.state_dict())
+        state_keys = self.persistent_names()
         with contextlib.ExitStack() as stack:
             writer = folder = None
             if self.rank == 0:
@@ -442,19 +445,34 @@ class SFTRecipe:
                 atomic_write_json(folder / self.run.export_record.name, self.export_record())
                 log.info("wrote %d safetensors file(s), %.2f GB", len(files), writer.total_bytes / 1e9)
 
+    def persistent_names(self) -> set[str]:
+        """The names the export holds: parameters and persistent buffers (no data copied), under the base
+        model's names (a LoRA model's adapters are merged into the weights they adapt)."""
+        from sa_sft.train.lora import export_name
+
+        names = set(self.model.state_dict())
+        return {export_name(n) for n in names if export_name(n)} if self.tcfg.lora_rank else names
+
     def gathered(self, persistent: set[str], share: bool = True):
         """(name, full tensor) of every parameter and persistent buffer, one at a time, each valid until the
         next is asked for. Every rank takes part in gathering each parameter; a rank receives only its
-        share (index modulo world size), or with share=False rank 0 receives all and the others none."""
+        share (index modulo world size), or with share=False rank 0 receives all and the others none.
+        With LoRA each adapted weight is gathered with its adapters and yielded merged."""
         import deepspeed
 
+        from sa_sft.train.lora import export_name, merged_parameters
+
         mine = (lambda i: i % self.world == self.rank) if share else (lambda i: self.rank == 0)
-        for i, (name, param) in enumerate(self.model.named_parameters()):
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+        parts = (merged_parameters(self.model) if self.tcfg.lora_rank else
+                 ((name, [param], None) for name, param in self.model.named_parameters()))
+        for i, (name, params, merge) in enumerate(parts):
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                 if mine(i):
-                    yield name, param.data
+                    yield name, (merge(*(p.data for p in params)) if merge else params[0].data)
         if self.rank == 0:
-            yield from ((name, buffer) for name, buffer in self.model.named_buffers() if name in persistent)
+            rename = export_name if self.tcfg.lora_rank else (lambda n: n)
+            yield from ((rename(name), buffer) for name, buffer in self.model.named_buffers()
+                        if rename(name) in persistent)
 
     def check_export(self) -> dict:
         """Every rank compares its share of the tensors; rank 0 merges the verdicts and tells every rank."""
@@ -462,7 +480,7 @@ class SFTRecipe:
 
         from sa_sft.train.export import compare_tensors, merge_checks
 
-        state_keys = set(self.model.state_dict())  # parameter and persistent buffer names (no data copied)
+        state_keys = self.persistent_names()
         mine = compare_tensors(self.run.final, self.gathered(state_keys))
         parts = [None] * self.world
         dist.all_gather_object(parts, mine)

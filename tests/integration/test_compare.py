@@ -56,7 +56,7 @@ def test_compare_presets_seeds_wise_ft_and_fair_retention(tmp_path, tiny_model):
     from sa_sft.models import resolve_model
 
     root = tmp_path / "cmp"
-    methods = "base,task_only,task_only+seed2,sa_sft,sa_sft@2,task_only_low_lr,rewrite,wise_ft@0.5"
+    methods = "base,task_only,task_only+seed2,sa_sft,sa_sft@2,task_only_low_lr,rewrite,lora,wise_ft@0.5"
     proc = sa_sft("compare", "tiny", f"output_dir={root}", "evaluate.suites=[ifeval,arithmetic]",
                   "evaluate.max_items=8", "evaluate.chat_heldout=8", "evaluate.max_new_tokens=16",
                   "evaluate.task_checker=label", "--methods", methods)
@@ -89,6 +89,14 @@ def test_compare_presets_seeds_wise_ft_and_fair_retention(tmp_path, tiny_model):
     for name, tensor in mixed.items():
         expected = (base_w[name].float() + 0.5 * (tuned[name].float() - base_w[name].float())).to(tensor.dtype)
         assert (tensor == expected).all(), name
+
+    # LoRA: trained adapters merged into a plain export of the base model's tensors, checked exactly.
+    lora = load_file(str(root / "lora" / "train" / "final" / "model.safetensors"))
+    assert set(lora) == set(base_w)
+    changed = [n for n in lora if not (lora[n] == base_w[n]).all()]
+    assert changed and all(n.endswith("proj.weight") for n in changed)  # only the adapted linear layers moved
+    export = json.loads((root / "lora" / "train" / "final" / "sa_sft_export.json").read_text())
+    assert export["check"]["mismatched"] == []
 
     paired = comparison["paired"]
     pooled = paired["vs_base_pooled"]["task_only"]["arithmetic"]

@@ -109,3 +109,19 @@ def test_chat_prompts_are_short_plain_and_after_the_sharegpt_rows():
     # After the first 3 kept conversations; code, duplicates and too-short prompts left out.
     assert chat_prompt_rows(text, 10, skip=3) == [{"prompt": f"What is the meaning of word number {i}?"}
                                                   for i in (3, 4, 5)]
+
+
+def test_lora_names_map_back_to_the_base_model():
+    from sa_sft.train.lora import export_name
+
+    assert export_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
+        "model.layers.0.self_attn.q_proj.weight"
+    assert export_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") is None
+    assert export_name("base_model.model.model.norm.weight") == "model.norm.weight"
+
+
+def test_lora_refuses_freezing_settings():
+    from sa_sft.config import load_config
+
+    with pytest.raises(UserError, match="train.lora_rank trains only the adapters"):
+        load_config("tiny", ["train.lora_rank=8", "train.freeze_layers=1"])
