@@ -88,6 +88,14 @@ def needs(method: str) -> str | None:
     return ("task_only" + (f"+seed{seed}" if seed is not None else "")) if preset == "wise_ft" else None
 
 
+def is_method(name: str) -> bool:
+    try:
+        parse_method(name)
+        return True
+    except UserError:
+        return False
+
+
 def own_generation(method: str) -> bool:
     return parse_method(method)[0] == "rewrite"
 
@@ -119,16 +127,20 @@ def run_compare(config: str, overrides: list[str], methods: list[str] | None = N
     shared = shared_generation(config, overrides, cfg, methods)
     configs = {m: load_config(config, [*overrides, *shared, *method_overrides(m, cfg, out), f"output_dir={out.method(m).root}"])
                for m in order}
-    first = out.method(order[0])
     for m in order:
         run = out.method(m)
-        if (m != order[0] and not own_generation(m) and not run.stage_dir("generate").exists()
-                and first.finished("generate")):
+        # What another method's run already made (in this call or an earlier one with other methods) is
+        # reused: its generation and the base model's scores. Each stage still checks its inputs.
+        names = [*order, *sorted(p.name for p in out.root.glob("*") if p.is_dir() and is_method(p.name))]
+        siblings = [out.method(s) for s in dict.fromkeys(names) if s != m and not own_generation(s)]
+        source = next((s for s in siblings if s.finished("generate")), None)
+        if not own_generation(m) and not run.stage_dir("generate").exists() and source:
             run.create()
-            shutil.copytree(first.stage_dir("generate"), run.stage_dir("generate"))
+            shutil.copytree(source.stage_dir("generate"), run.stage_dir("generate"))
         for path in (run.scores("base"), run.generations("base"), run.kl_samples, run.chat_samples):
-            shared_file = first.root / run.relative(path)
-            if m != order[0] and not path.exists() and shared_file.exists():
+            shared_file = next((s.root / run.relative(path) for s in siblings
+                                if (s.root / run.relative(path)).exists()), None)
+            if not path.exists() and shared_file:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(shared_file, path)
         stages = ["generate", "mix", "evaluate"] if m == "base" else ["generate", "mix", "train", "evaluate"]

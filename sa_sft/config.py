@@ -6,6 +6,7 @@ unknown keys, types and ranges and fails with one line naming the key. Fields ma
 produces, so they are left out of the stage fingerprints that decide skip/resume.
 """
 import dataclasses
+import re
 import difflib
 import os
 import typing
@@ -333,6 +334,10 @@ def from_dict(cls, raw: Any, prefix: str):
     return cls(**values)
 
 
+INT_TEXT = re.compile(r"^[+-]?\d[\d_]*$")
+FLOAT_TEXT = re.compile(r"^[+-]?(\d[\d_]*\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def check_value(key: str, value, kind, meta):
     origin = typing.get_origin(kind)
     if origin is Literal:
@@ -354,9 +359,14 @@ def check_value(key: str, value, kind, meta):
             raise UserError(f"config key {key} must be true or false; got {value!r}")
         return value
     if kind is int:
+        if isinstance(value, str) and INT_TEXT.match(value.strip()):
+            value = int(value.strip().replace("_", ""))
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"config key {key} must be an integer; got {value!r}")
     elif kind is float:
+        # YAML 1.1 reads 1e-4 (no dot) as a string: numbers as people write them are numbers here.
+        if isinstance(value, str) and FLOAT_TEXT.match(value.strip()):
+            value = float(value.strip().replace("_", ""))
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key {key} must be a number; got {value!r}")
         value = float(value)

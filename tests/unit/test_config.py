@@ -130,3 +130,23 @@ def test_bad_evaluation_suites_fail_before_any_stage_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sa_sft.cli", "run", "tiny", f"output_dir={tmp_path / 'run'}",
                            "evaluate.task_checker=python:tests/data/suites/contains.py:missing"], capture_output=True, text=True)
     assert proc.returncode == 2 and "has no function missing" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("text, expected", [("1e-4", 1e-4), ("3E-5", 3e-5), ("5.0e-5", 5e-5), (".5", 0.5),
+                                            ("2", 2.0), ("1_000.5", 1000.5)])
+def test_floats_as_people_write_them_on_the_command_line_and_in_yaml(tmp_path, text, expected):
+    assert load_config("tiny", [f"train.learning_rate={text}"]).train.learning_rate == expected
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  learning_rate: {text}\n")
+    assert load_config(str(path)).train.learning_rate == expected
+
+
+def test_ints_with_underscores_and_non_numbers_refused(tmp_path):
+    assert load_config("tiny", ["train.max_steps=1_000"]).train.max_steps == 1000
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 1_000\n")
+    assert load_config(str(path)).train.max_steps == 1000
+    with pytest.raises(UserError, match="train.learning_rate must be a number; got 'fast'"):
+        load_config("tiny", ["train.learning_rate=fast"])
+    with pytest.raises(UserError, match="train.max_steps must be an integer; got 1.5"):
+        load_config("tiny", ["train.max_steps=1.5"])
