@@ -1,4 +1,4 @@
-"""`sa-sft compare tiny`: five methods as five run directories sharing one generation and one base
+"""`sa-sft compare tiny`: every method preset as a run directory, sharing one generation and one base
 evaluation, then the comparison report; `sa-sft report DIR...` rebuilds it from the directories."""
 import json
 import subprocess
@@ -14,72 +14,55 @@ def sa_sft(*args, timeout=1800):
 
 
 def test_compare_runs_every_method_and_writes_one_report(tmp_path, tiny_model):
-    root = tmp_path / "cmp"
-    # generate.num_samples=-1: the count follows mix.self_ratio, yet every method must share one generation.
-    proc = sa_sft("compare", "tiny", f"output_dir={root}", "evaluate.suites=[mmlu]", "evaluate.max_items=16",
-                  "generate.num_samples=-1")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    comparison = json.loads((root / "compare.json").read_text())
-    rows = {r["method"]: r for r in comparison["methods"]}
-    assert list(rows) == ["base", "task_only", "sa_sft", "freeze", "external"]
-    assert not (root / "base" / "train").exists() and rows["base"]["drift_relative"] == 0.0
-    for method in ("task_only", "sa_sft", "freeze", "external"):
-        assert rows[method]["drift_relative"] > 0 and rows[method]["kl_base_final"] > 0
-        assert rows[method]["scores"]["task_heldout"]["value"] < rows["base"]["scores"]["task_heldout"]["value"]
-        assert rows[method]["scores"]["mmlu"]["metric"] == "accuracy" and len(rows[method]["scores"]["mmlu"]["ci95"]) == 2
-    mixes = {m: json.loads((root / m / "mix" / "manifest.json").read_text())["counts"] for m in rows}
-    assert mixes["sa_sft"]["self"]["samples"] == 40 and mixes["task_only"]["self"]["samples"] == 0
-    assert mixes["external"]["external"]["samples"] == 40
-    freeze = (root / "freeze" / "train" / "config.yaml").read_text()
-    assert "freeze_layers: 1" in freeze  # half of the tiny model's 2 layers
-    # One generation, one base evaluation, shared by every run.
-    shards = {m: json.loads((root / m / "generate" / "manifest.json").read_text())["shards"] for m in rows}
-    assert all(s == shards["sa_sft"] for s in shards.values())
-    assert len({(root / m / "eval" / "base.json").read_text() for m in rows}) == 1
-    for plot in ("compare_scores.png", "compare_drift.png", "compare_loss.png"):
-        assert (root / "plots" / plot).stat().st_size > 1000
-    table = (root / "compare.md").read_text()
-    assert "| sa_sft |" in table and "| external |" in table
-
-    (root / "compare.md").unlink()
-    proc = sa_sft("report", *[str(root / m) for m in rows])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (root / "compare.md").read_text() == table
-
-
-def test_compare_presets_seeds_wise_ft_and_fair_retention(tmp_path, tiny_model):
-    """The presets a reviewer expects beyond the five: another seed, another lambda, a low learning
-    rate, SDFT-style rewrites and WiSE-FT; the new general suites and the held-out chat retention;
-    seeds pooled into one interval; the trade-off plot."""
+    """Every preset in one `sa-sft compare`: one generation and one base evaluation shared; another
+    seed, another lambda, a low learning rate, SDFT-style rewrites, LoRA and WiSE-FT; the general
+    suites and the held-out chat retention; seeds pooled into one interval; the plots; and
+    `sa-sft report` rebuilding the same comparison from the directories."""
     from safetensors.torch import load_file
 
     from sa_sft.models import resolve_model
 
     root = tmp_path / "cmp"
-    methods = "base,task_only,task_only+seed2,sa_sft,sa_sft@2,task_only_low_lr,rewrite,lora,wise_ft@0.5"
-    proc = sa_sft("compare", "tiny", f"output_dir={root}", "evaluate.suites=[ifeval,arithmetic]",
+    methods = ("base,task_only,task_only+seed2,sa_sft,sa_sft@2,freeze,external,task_only_low_lr,rewrite,lora,"
+               "wise_ft@0.5")
+    # generate.num_samples=-1: the count follows mix.self_ratio, yet every method must share one generation.
+    proc = sa_sft("compare", "tiny", f"output_dir={root}", "evaluate.suites=[mmlu,ifeval,arithmetic]",
                   "evaluate.max_items=8", "evaluate.chat_heldout=8", "evaluate.max_new_tokens=16",
-                  "evaluate.task_checker=label", "--methods", methods)
+                  "generate.num_samples=-1", "--methods", methods)
     assert proc.returncode == 0, proc.stderr[-4000:]
     comparison = json.loads((root / "compare.json").read_text())
     rows = {r["method"]: r for r in comparison["methods"]}
     assert list(rows) == methods.split(",")
+    assert not (root / "base" / "train").exists() and rows["base"]["drift_relative"] == 0.0
+    for method in ("task_only", "sa_sft", "freeze", "external"):
+        assert rows[method]["drift_relative"] > 0 and rows[method]["kl_base_final"] > 0
+        assert rows[method]["scores"]["task_heldout"]["value"] < rows["base"]["scores"]["task_heldout"]["value"]
+        assert rows[method]["scores"]["mmlu"]["metric"] == "accuracy" and len(rows[method]["scores"]["mmlu"]["ci95"]) == 2
     for method, row in rows.items():
-        assert {"ifeval", "arithmetic", "chat_heldout"} <= set(row["scores"]), method
-    # One set of the base model's answers to the held-out chat prompts, scored by every model.
+        assert {"mmlu", "ifeval", "arithmetic", "chat_heldout"} <= set(row["scores"]), method
+    mixes = {m: json.loads((root / m / "mix" / "manifest.json").read_text())["counts"] for m in rows}
+    assert mixes["sa_sft"]["self"]["samples"] == 40 and mixes["task_only"]["self"]["samples"] == 0
+    assert mixes["sa_sft@2"]["self"]["samples"] == 80  # one generation, sized for the largest lambda
+    assert mixes["external"]["external"]["samples"] == 40
+    assert mixes["task_only"] == mixes["task_only+seed2"]
+    freeze = (root / "freeze" / "train" / "config.yaml").read_text()
+    assert "freeze_layers: 1" in freeze  # half of the tiny model's 2 layers
+    assert "learning_rate: 0.0001" in (root / "task_only_low_lr" / "train" / "config.yaml").read_text()
+    # One generation (rewrite makes its own), one base evaluation, shared by every run.
+    shards = {m: json.loads((root / m / "generate" / "manifest.json").read_text()) for m in rows}
+    assert shards["rewrite"]["strategy"] == "rewrite"
+    assert all(s["shards"] == shards["sa_sft"]["shards"] for m, s in shards.items() if m != "rewrite")
+    assert len({(root / m / "eval" / "base.json").read_text() for m in rows}) == 1
+    # The base model's answers to the held-out chat prompts: made once, scored by every model.
     assert len({(root / m / "eval" / "base-chat-samples.jsonl").read_text() for m in rows}) == 1
-    base = json.loads((root / "base" / "eval" / "base.json").read_text())["suites"]
-    assert base["chat_heldout"]["samples"] == 8
+    base_scores = json.loads((root / "base" / "eval" / "base.json").read_text())["suites"]
+    assert base_scores["chat_heldout"]["samples"] == 8
     final = json.loads((root / "task_only" / "eval" / "final.json").read_text())["suites"]
     assert final["chat_heldout"]["kl_from_base"]["mean_kl"] > 0
 
     # Seeds: the same items and mix, another data order, so other losses.
     loss = lambda m: [json.loads(line)["loss"] for line in (root / m / "train" / "metrics.jsonl").read_text().splitlines()]
     assert loss("task_only") != loss("task_only+seed2")
-    mix = lambda m: json.loads((root / m / "mix" / "manifest.json").read_text())["counts"]
-    assert mix("task_only") == mix("task_only+seed2") and mix("sa_sft@2")["self"]["samples"] == 80
-    assert "learning_rate: 0.0001" in (root / "task_only_low_lr" / "train" / "config.yaml").read_text()
-    assert json.loads((root / "rewrite" / "generate" / "manifest.json").read_text())["strategy"] == "rewrite"
 
     # WiSE-FT: exactly halfway between the base and task_only's weights, with no training.
     assert not (root / "wise_ft@0.5" / "train" / "metrics.jsonl").exists()
@@ -103,6 +86,13 @@ def test_compare_presets_seeds_wise_ft_and_fair_retention(tmp_path, tiny_model):
     assert pooled["seeds"] == [1, 2] and pooled["ci95"][0] <= pooled["delta"] <= pooled["ci95"][1]
     versus = paired["sa_sft_vs_task_only"]
     assert set(versus) == {"sa_sft", "sa_sft@2"} and versus["sa_sft"]["ifeval"]["seeds"] == [2, 1]
-    assert (root / "plots" / "tradeoff.png").stat().st_size > 1000
+    for plot in ("tradeoff.png", "compare_scores.png", "compare_drift.png", "compare_loss.png"):
+        assert (root / "plots" / plot).stat().st_size > 1000
     table = (root / "compare.md").read_text()
+    assert "| sa_sft |" in table and "| external |" in table
     assert "## sa_sft@2 against task-only SFT" in table and "| task_only (2) |" in table
+
+    (root / "compare.md").unlink()
+    proc = sa_sft("report", *[str(root / m) for m in rows])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (root / "compare.md").read_text() == table
