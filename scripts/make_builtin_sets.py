@@ -3,8 +3,8 @@
   family_relationships  the `forgetting` config's task: a family tree in a few sentences, answered with
                         one word ("mother-in-law"). Terse labels in a rigid format, far from the chat
                         style of the model's own answers: where the paper says forgetting comes from.
-  arithmetic            a general short-answer suite: 2-3 terms of 1-2 digits (`chain_sum`), checked
-                        numerically. No method trains on arithmetic.
+  arithmetic            a general short-answer suite: sums and differences of two one-digit numbers
+                        (`chain_sum`), checked numerically. No method trains on arithmetic.
 
 Run once by a maintainer (the output is committed; nothing is generated at run time):
 
@@ -19,8 +19,9 @@ from pathlib import Path
 
 SETS = {
     "family_relationships": {"generator": "family_relationships", "size": 1200, "seed": 2602, "config": {}},
-    "arithmetic": {"generator": "chain_sum", "size": 600, "seed": 2603,
-                   "config": {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2}},
+    # One-digit sums and differences: two-digit ones were at the floor for the default model (8%).
+    "arithmetic": {"generator": "chain_sum", "size": 1000, "seed": 2603,
+                   "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}},
 }
 
 

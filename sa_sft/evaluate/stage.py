@@ -29,7 +29,7 @@ from tqdm import tqdm
 from sa_sft.config import Config, section_for_results
 from sa_sft.evaluate import scoring
 from sa_sft.evaluate.generation import prompt_text, score_generated, task_suite
-from sa_sft.evaluate.suites import CODE_STOP, Suite, load_suite
+from sa_sft.evaluate.suites import CODE_STOP, Suite, load_suite, suite_digests
 from sa_sft.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, sha256_file, sha256_json
 from sa_sft.models import model_identity, resolve_model
 from sa_sft.rundir import HELDOUT_SETS, RunDir, Stage
@@ -45,7 +45,7 @@ def inputs(cfg: Config, run: RunDir) -> dict:
     return {"mix": run.fingerprint("mix"),
             "train": run.fingerprint("train") if run.finished("train") else None,
             "model": cfg.model.path, "evaluate": section_for_results(cfg.evaluate),
-            "dtype": cfg.generate.dtype}
+            "suites": suite_digests(cfg.evaluate.suites), "dtype": cfg.generate.dtype}
 
 
 def base_fingerprint(cfg: Config, run: RunDir) -> str:
@@ -53,6 +53,7 @@ def base_fingerprint(cfg: Config, run: RunDir) -> str:
     that share those (the methods of `sa-sft compare`) can share eval/base.json."""
     return sha256_json({"model": model_identity(resolve_model(cfg.model.path)), "seed": cfg.seed,
                         "evaluate": section_for_results(cfg.evaluate), "dtype": cfg.generate.dtype,
+                        "suites": suite_digests(cfg.evaluate.suites),
                         "heldout": [sha256_file(run.heldout(s)) for s in HELDOUT_SETS if run.heldout(s).exists()]})
 
 

@@ -23,6 +23,7 @@ from sa_sft.data import ifeval
 from sa_sft.data.prepared import DERIVED, SOURCES, prepared_path
 from sa_sft.data.task import BUILTIN_DIR
 from sa_sft.errors import UserError
+from sa_sft.io import sha256_file
 
 # The built-in suites: the prepared data sets that are multiple choice, code or IFEval, and the
 # committed generation suites.
@@ -60,19 +61,27 @@ def row_problem(kind: str, row) -> str | None:
     return None
 
 
-def load_suite(spec: str, max_items: int) -> Suite:
+def suite_file(spec: str) -> tuple[str, str, Path]:
+    """(name, kind, file) of a suite named in evaluate.suites."""
     if spec in BUILTIN_SUITES:
-        name, kind = spec, BUILTIN_SUITES[spec]
-        path = BUILTIN_DIR / f"{spec}.jsonl" if (BUILTIN_DIR / f"{spec}.jsonl").exists() else prepared_path(spec)
-    elif ":" in spec and spec.split(":", 1)[0] in USER_KINDS:
+        committed = BUILTIN_DIR / f"{spec}.jsonl"
+        return spec, BUILTIN_SUITES[spec], committed if committed.exists() else prepared_path(spec)
+    if ":" in spec and spec.split(":", 1)[0] in USER_KINDS:
         kind, raw = spec.split(":", 1)
-        path = Path(raw)
-        name = path.stem
-        if not path.is_file():
+        if not Path(raw).is_file():
             raise UserError(f"evaluate.suites: {raw} does not exist")
-    else:
-        raise UserError(f"evaluate.suites: {spec!r} is neither a built-in ({', '.join(BUILTIN_SUITES)}) "
-                        f"nor mc:PATH / gen:PATH / ifeval:PATH")
+        return Path(raw).stem, kind, Path(raw)
+    raise UserError(f"evaluate.suites: {spec!r} is neither a built-in ({', '.join(BUILTIN_SUITES)}) "
+                    f"nor mc:PATH / gen:PATH / ifeval:PATH")
+
+
+def suite_digests(specs: list[str]) -> dict[str, str]:
+    """sha256 of each suite's file: scores cached for a suite are stale once its items change."""
+    return {spec: sha256_file(suite_file(spec)[2]) for spec in specs}
+
+
+def load_suite(spec: str, max_items: int) -> Suite:
+    name, kind, path = suite_file(spec)
     rows = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
