@@ -57,6 +57,17 @@ def base_fingerprint(cfg: Config, run: RunDir) -> str:
                         "heldout": [sha256_file(run.heldout(s)) for s in HELDOUT_SETS if run.heldout(s).exists()]})
 
 
+def chat_fingerprint(cfg: Config) -> str:
+    """The base model's answers to the held-out chat prompts depend on the model and how they are
+    sampled, not on the run's data, so every method of `sa-sft compare` shares them."""
+    from sa_sft.data.prepared import prepare
+
+    return sha256_json({"model": model_identity(resolve_model(cfg.model.path)), "seed": cfg.seed,
+                        "prompts": cfg.evaluate.chat_heldout, "source": sha256_file(prepare("chat_heldout")),
+                        "max_seq_len": cfg.evaluate.max_seq_len, "answer_tokens": cfg.generate.max_assistant_tokens,
+                        "dtype": cfg.generate.dtype})
+
+
 def cached(path: Path, fingerprint: str) -> dict | None:
     if path.exists() and read_json(path).get("fingerprint") == fingerprint:
         return read_json(path)
@@ -201,7 +212,7 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     if samples.get("fingerprint") != fingerprints["base"]:
         samples = {}
     chat = read_jsonl(run.chat_samples)[0] if run.chat_samples.exists() else {}
-    if chat.get("fingerprint") != fingerprints["base"]:
+    if not cfg.evaluate.chat_heldout or chat.get("fingerprint") != chat_fingerprint(cfg):
         chat = {}
     needs_chat = cfg.evaluate.chat_heldout > 0 and not chat
     if needs_chat:
@@ -220,7 +231,7 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
                 for name in todo:
                     engines.serve(models[name])
                     if name == "base" and needs_chat:
-                        chat = {"fingerprint": fingerprints["base"], **chat_samples(engines, tokenizer, cfg)}
+                        chat = {"fingerprint": chat_fingerprint(cfg), **chat_samples(engines, tokenizer, cfg)}
                         atomic_write_jsonl(run.chat_samples, [chat])
                     if results[name] is None:
                         results[name] = {**score_model(name, engines, tokenizer, cfg, heldout, general, run,
