@@ -67,10 +67,11 @@ def write_tradeoff_plot(out: CompareDir, paired: dict, plt) -> Path | None:
     if x is None or not ys or not changes:
         return None
     flip_x = dict(IN_DOMAIN)[x]
-    fig, axes = plt.subplots(1, len(ys), figsize=(3.6 * len(ys), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(ys), figsize=(3.6 * len(ys) + 1.6, 3.6), squeeze=False)
+    markers = "os^vD<>pPX*h"
     for ax, y in zip(axes[0], ys):
         flip_y = y.endswith("_heldout")  # NLL: a rise is a loss
-        for method, c in sorted(changes.items()):
+        for k, (method, c) in enumerate(sorted(changes.items())):
             if x not in c or y not in c:
                 continue
             sx, sy = (-1 if flip_x else 1), (-1 if flip_y else 1)
@@ -78,14 +79,15 @@ def write_tradeoff_plot(out: CompareDir, paired: dict, plt) -> Path | None:
             px, py = sx * cx["delta"], sy * cy["delta"]
             xs, ys_ = sorted(sx * v for v in cx["ci95"]), sorted(sy * v for v in cy["ci95"])
             ax.errorbar([px], [py], xerr=[[px - xs[0]], [xs[1] - px]], yerr=[[py - ys_[0]], [ys_[1] - py]],
-                        fmt="o", capsize=2, label=method)
+                        fmt=markers[k % len(markers)], capsize=2, label=method, color=f"C{k % 10}",
+                        alpha=0.85, markersize=5)
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_xlabel(f"{x} gain" + (" (NLL fall)" if flip_x else ""))
         ax.set_ylabel(f"{y} change" + (" (NLL fall)" if flip_y else ""))
         ax.set_title(f"learned vs kept: {y}", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _save(fig, out.plot("tradeoff"), plt)
 
 
