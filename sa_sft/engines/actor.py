@@ -9,15 +9,18 @@ ran it.
 """
 import collections
 import itertools
+import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
 from sa_sft.cache import vllm_cache_dir
 from sa_sft.config import GenerateConfig
+from sa_sft.console import redirect
 from sa_sft.cluster.ray_cluster import node_label
 
 
@@ -116,7 +119,13 @@ class _Job:
 # Threaded: programs wait in their callers' threads while one loop thread steps the engine for all of them.
 @ray.remote(max_restarts=0, max_concurrency=64)
 class EngineActor:
-    def __init__(self, kwargs: dict, fast_top_p: bool = False, stream: bool = False):
+    def __init__(self, kwargs: dict, fast_top_p: bool = False, stream: bool = False, log_path: str | None = None):
+        if log_path:  # quiet mode: everything this engine's process prints goes to the run's logs
+            redirect(Path(log_path))
+        # The prepared default model is float32 (its exact dequantisation); an engine running bfloat16
+        # casts it at load on purpose, which vLLM reports once per tensor.
+        logging.getLogger("vllm.model_executor.models.utils").addFilter(
+            lambda record: "Attempted to load weight" not in str(record.msg))
         from transformers import AutoTokenizer
         from vllm import LLM
 

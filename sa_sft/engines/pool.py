@@ -151,8 +151,9 @@ def stream_depth(gcfg: GenerateConfig) -> int:
 
 class EnginePool:
     def __init__(self, gcfg: GenerateConfig, model_path: str, trust_remote_code: bool, seed: int,
-                 own_machine: bool = True, max_model_len: int | None = None):
+                 own_machine: bool = True, max_model_len: int | None = None, log: Path | None = None):
         self.gcfg = gcfg
+        self.log = log  # quiet mode: engine I writes to LOG-engine-I.log beside it
         # Absolute: the engines may run on other nodes, in another working directory.
         model_path = str(Path(model_path).resolve())
         self.kwargs = engine_kwargs(gcfg, model_path, trust_remote_code, seed, max_model_len)
@@ -167,8 +168,9 @@ class EnginePool:
         # Named so operators (and the fault tests) can find an engine: `ray list actors`, ray.get_actor.
         options = {"name": f"sa_sft_engine_{index}_{self.started}", "namespace": ENGINE_NAMESPACE,
                    **self.placement.options(index)}
+        log = str(self.log.with_name(f"{self.log.stem}-engine-{index}.log").resolve()) if self.log else None
         return EngineActor.options(**options).remote(self.kwargs, self.gcfg.fast_top_p and self.gcfg.device == "cpu",
-                                                     self.gcfg.schedule == "stream")
+                                                     self.gcfg.schedule == "stream", log)
 
     def _wait_ready(self, indices: Iterable[int]) -> list[dict]:
         refs = [self.actors[i].info.remote() for i in indices]

@@ -26,8 +26,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sa_sft import console
 from sa_sft.config import Config, section_for_results
-from sa_sft.evaluate import scoring
+from sa_sft.evaluate import harness, scoring
 from sa_sft.evaluate.generation import prompt_text, score_generated, task_suite
 from sa_sft.evaluate.suites import CODE_STOP, Suite, load_suite, suite_digests
 from sa_sft.io import atomic_write_json, atomic_write_jsonl, read_json, read_jsonl, sha256_file, sha256_json
@@ -45,7 +46,7 @@ def inputs(cfg: Config, run: RunDir) -> dict:
     return {"mix": run.fingerprint("mix"),
             "train": run.fingerprint("train") if run.finished("train") else None,
             "model": cfg.model.path, "evaluate": section_for_results(cfg.evaluate),
-            "suites": suite_digests(cfg.evaluate.suites), "dtype": cfg.generate.dtype}
+            "suites": suite_digests(cfg.evaluate.suites), **harness.fingerprint(cfg), "dtype": cfg.generate.dtype}
 
 
 def base_fingerprint(cfg: Config, run: RunDir) -> str:
@@ -53,7 +54,7 @@ def base_fingerprint(cfg: Config, run: RunDir) -> str:
     that share those (the methods of `sa-sft compare`) can share eval/base.json."""
     return sha256_json({"model": model_identity(resolve_model(cfg.model.path)), "seed": cfg.seed,
                         "evaluate": section_for_results(cfg.evaluate), "dtype": cfg.generate.dtype,
-                        "suites": suite_digests(cfg.evaluate.suites),
+                        "suites": suite_digests(cfg.evaluate.suites), **harness.fingerprint(cfg),
                         "heldout": [sha256_file(run.heldout(s)) for s in HELDOUT_SETS if run.heldout(s).exists()]})
 
 
@@ -77,8 +78,8 @@ def cached(path: Path, fingerprint: str) -> dict | None:
 class Engines:
     """One model's engine pool for the evaluation: every request goes out in chunks over its engines."""
 
-    def __init__(self, cfg: Config, model_path: Path, own_machine: bool):
-        self.cfg, self.own_machine = cfg, own_machine
+    def __init__(self, cfg: Config, model_path: Path, own_machine: bool, log: Path | None = None):
+        self.cfg, self.own_machine, self.log = cfg, own_machine, log
         self.pool, self.path = None, None
         self.serve(model_path)
 
@@ -95,11 +96,12 @@ class Engines:
         self.path, self.name = Path(model_path), Path(model_path).name
         self.pool = EnginePool(cfg.generate, str(model_path), cfg.model.trust_remote_code, cfg.seed,
                                own_machine=self.own_machine,
-                               max_model_len=cfg.evaluate.max_seq_len + cfg.evaluate.max_new_tokens)
+                               max_model_len=cfg.evaluate.max_seq_len + cfg.evaluate.max_new_tokens, log=self.log)
 
     def _map(self, what: str, count: int, call) -> list[dict]:
         results = [None] * ((count + CHUNK - 1) // CHUNK)
-        with tqdm(total=count, unit=what, desc=f"evaluate {self.name}", dynamic_ncols=True, leave=False) as bar:
+        with tqdm(total=count, unit=what, desc=f"evaluate {self.name}", dynamic_ncols=True, leave=False,
+                  file=console.stream()) as bar:
             for result in self.pool.map_work(range(len(results)), call):
                 results[result["tag"]] = result
                 bar.update(min(CHUNK, count - result["tag"] * CHUNK))
@@ -199,7 +201,7 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     from sa_sft.cluster.ray_cluster import ray_session
 
     heldout = {"task_heldout": run.heldout_rows("task"), "self_heldout": run.heldout_rows("self")}
-    general = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
+    general = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites if not harness.is_harness(spec)]
     in_domain = task_suite(cfg, heldout["task_heldout"])
     general = ([in_domain] if in_domain else []) + general
     models = {"base": resolve_model(cfg.model.path)}
@@ -226,7 +228,8 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     if todo:
         with ray_session(cfg.cluster.ray_address) as own_machine:
             log.info("evaluate: starting %d vLLM engine(s) for %s", cfg.generate.engines, ", ".join(todo))
-            engines = Engines(cfg, models[todo[0]], own_machine)
+            engines = Engines(cfg, models[todo[0]], own_machine,
+                              None if console.verbose() else run.output_log("evaluate"))
             try:
                 for name in todo:
                     engines.serve(models[name])
@@ -251,6 +254,20 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
                                  retention["mean_kl"], retention["ci95"])
             finally:
                 engines.close()
+    # lm_eval:TASK suites, once our engines are gone (its back end loads the model itself); a model's
+    # scores file is rewritten as each one's are added, so an interrupted stage resumes from there.
+    lm_eval_specs = harness.harness_specs(cfg.evaluate.suites)
+    for name in models:
+        missing = [s for s in lm_eval_specs if s not in results[name]["suites"]]
+        if missing:
+            log.info("evaluate: %s on %s with lm-evaluation-harness (%s back end)", name, ", ".join(missing),
+                     harness.backend(cfg))
+            results[name]["suites"].update(harness.evaluate_model(cfg, models[name], missing))
+            atomic_write_json(run.scores(name), results[name])
+            for spec in missing:
+                got = results[name]["suites"][spec]
+                log.info("evaluate: %s on %s: %s %.3f (stderr %s, n=%s)", name, spec, got["lm_eval"]["metric"],
+                         got["value"], got["stderr"], got["n"])
     drift = None
     if cfg.evaluate.drift and "final" in models:
         from sa_sft.evaluate.drift import weight_drift
@@ -265,10 +282,14 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     base_nll = results["base"]["suites"]
     style_gap = (round(base_nll["task_heldout"]["mean_nll"] - base_nll["self_heldout"]["mean_nll"], 5)
                  if "task_heldout" in base_nll and "self_heldout" in base_nll else None)
-    accuracy = {s.name: {name: results[name]["suites"][s.name]["value"] for name in results} for s in general}
+    accuracy = {s: {name: results[name]["suites"][s]["value"] for name in results}
+                for s in [g.name for g in general] + lm_eval_specs}
     files = [run.scores(name) for name in results] + ([run.retention] if retention else []) + (
         [run.chat_samples] if chat else []) + [
         run.generations(name) for name in results if run.generations(name).exists()] + ([run.drift] if drift else [])
-    return dict(mean_nll=summary, accuracy=accuracy, style_gap=style_gap,
-                kl_base_final=retention["mean_kl"] if retention else None,
-                drift_relative=drift["relative"] if drift else None, files=[run.relative(f) for f in files])
+    outputs = dict(mean_nll=summary, accuracy=accuracy, style_gap=style_gap,
+                   kl_base_final=retention["mean_kl"] if retention else None,
+                   drift_relative=drift["relative"] if drift else None, files=[run.relative(f) for f in files])
+    from sa_sft.trackers import log_evaluation
+    log_evaluation(cfg, run, outputs)  # train.report_to: the summary into the run's tracker runs
+    return outputs

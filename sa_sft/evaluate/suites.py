@@ -77,7 +77,7 @@ def suite_file(spec: str) -> tuple[str, str, Path]:
 
 def suite_digests(specs: list[str]) -> dict[str, str]:
     """sha256 of each suite's file: scores cached for a suite are stale once its items change."""
-    return {spec: sha256_file(suite_file(spec)[2]) for spec in specs}
+    return {spec: sha256_file(suite_file(spec)[2]) for spec in specs if not spec.startswith("lm_eval:")}
 
 
 def load_suite(spec: str, max_items: int) -> Suite:

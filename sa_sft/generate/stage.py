@@ -14,13 +14,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sa_sft import console
 from sa_sft.config import Config, GenerateConfig, section_for_results
 from sa_sft.data.plan import self_samples_needed
-from sa_sft.data.task import TaskData, read_task_data
+from sa_sft.data.task import TaskData, open_data, read_data
 from sa_sft.errors import UserError
 from sa_sft.generate.dedup import DuplicateIndex, shard_signatures
 from sa_sft.generate.filters import ContaminationIndex, mark_truncated, rejection_reason
-from sa_sft.io import atomic_write_jsonl, read_jsonl, sha256_file
+from sa_sft.io import atomic_write_jsonl, read_jsonl
 from sa_sft.models import model_identity, resolve_model
 from sa_sft.rundir import RunDir, Stage
 
@@ -32,7 +33,7 @@ MIN_YIELD = 0.05
 def task_data_for(cfg: Config) -> TaskData | None:
     """The task set, when generation depends on it: rewrites, or a sample count derived from it."""
     if cfg.generate.strategy == "rewrite" or cfg.generate.num_samples < 0:
-        return read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes)
+        return read_data(cfg.data)
     return None
 
 
@@ -41,8 +42,11 @@ def inputs(cfg: Config, run: RunDir) -> dict:
               "generate": section_for_results(cfg.generate)}
     task_data = task_data_for(cfg)
     if task_data is not None:  # the sample count or the rewrites come from the task set
-        inputs.update(task_sha256=sha256_file(task_data.path), max_task_samples=cfg.data.max_task_samples,
+        inputs.update(task_sha256=open_data(cfg.data).fingerprint(), max_task_samples=cfg.data.max_task_samples,
                       heldout=[cfg.data.heldout_task, cfg.data.heldout_self], self_ratio=cfg.mix.self_ratio)
+        rows_read_as = {"format": cfg.data.format, "columns": section_for_results(cfg.data.columns)}
+        if rows_read_as != {"format": "auto", "columns": section_for_results(type(cfg.data.columns)())}:
+            inputs.update(rows_read_as=rows_read_as)  # only when set: generations made before these keys stay valid
     return inputs
 
 
@@ -187,14 +191,16 @@ def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:
     with ray_session(cfg.cluster.ray_address) as own_machine:
         try:
             on_disk = sum(len(read_jsonl(run.shard(k))) for k in done)
-            bar = tqdm(total=target, initial=min(on_disk, target), unit="dlg", desc="generate", dynamic_ncols=True)
+            bar = tqdm(total=target, initial=min(on_disk, target), unit="dlg", desc="generate", dynamic_ncols=True,
+                       file=console.stream())
             started = time.time()
             while True:
                 todo = [k for k in range(planned) if k not in done]
                 if todo and pool is None:
                     log.info("generate: starting %d vLLM engine(s) for %s (%s)", gcfg.engines, model_path, gcfg.device)
                     pool = EnginePool(gcfg, str(model_path), cfg.model.trust_remote_code, cfg.seed,
-                                      own_machine=own_machine)
+                                      own_machine=own_machine,
+                                      log=None if console.verbose() else run.output_log("generate"))
                     log.info("generate: engines ready: %s", pool.info)
                 for result in (pool.map_work(todo, call) if todo else ()):
                     accepted, rejected = split_shard(result, None if rewrite else gcfg)

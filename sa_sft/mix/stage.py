@@ -20,9 +20,9 @@ import numpy as np
 
 from sa_sft.config import Config, section_for_results
 from sa_sft.data.packing import pack_plan
-from sa_sft.data.task import TaskReader, resolve_task_path
+from sa_sft.data.task import TaskReader, open_data
 from sa_sft.errors import UserError
-from sa_sft.io import atomic_dir, atomic_write_jsonl, sha256_file
+from sa_sft.io import atomic_dir, atomic_write_jsonl
 from sa_sft.mix.ranks import save_rank, write_rank_rows
 from sa_sft.mix.tokenize import SourceWriter, TokenizeRows, resolve_num_proc, tokenize_sources
 from sa_sft.models import resolve_model
@@ -97,12 +97,11 @@ def split_ranks(samples: list, ranks: int) -> list[list]:
 
 
 def inputs(cfg: Config, run: RunDir) -> dict:
-    task_path = resolve_task_path(cfg.data.task_path)
-    return {"generate": run.fingerprint("generate"), "task_sha256": sha256_file(task_path),
+    return {"generate": run.fingerprint("generate"), "task_sha256": open_data(cfg.data).fingerprint(),
             "seed": cfg.seed, "data": section_for_results(cfg.data), "mix": section_for_results(cfg.mix),
             "ranks": cfg.train.ranks, "max_seq_len": cfg.train.max_seq_len, "overlong": cfg.train.overlong,
             "packing": cfg.train.packing, "train_on_prompt": cfg.train.train_on_prompt,
-            "external_sha256": (sha256_file(resolve_task_path(cfg.data.external_path, "data.external_path"))
+            "external_sha256": (open_data(cfg.data, "data.external_path").fingerprint()
                                 if cfg.data.external_path else None)}
 
 
@@ -112,7 +111,7 @@ def read_sources(cfg: Config, run: RunDir) -> tuple[dict, TaskReader]:
     rewrite = cfg.generate.strategy == "rewrite"
     # SDFT-style: train on the model's own rewrites of the task answers; evaluate on the originals.
     rewrites = {row["task_id"]: row["messages"] for row in run.iter_self_dialogues()} if rewrite else {}
-    task = TaskReader(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes)
+    task = open_data(cfg.data)
     limit = cfg.data.max_task_samples or None
     with SourceWriter(run.mix_sources) as writer:
         for row in task:
@@ -125,8 +124,7 @@ def read_sources(cfg: Config, run: RunDir) -> tuple[dict, TaskReader]:
             raise UserError(f"{task.path}: no task rows left for training after holding out "
                             f"data.heldout_task={cfg.data.heldout_task}")
         if cfg.data.external_path:
-            external = TaskReader(cfg.data.external_path, cfg.data.on_bad_row, key="data.external_path",
-                                  max_row_bytes=cfg.data.max_row_bytes)
+            external = open_data(cfg.data, "data.external_path")
             for row in external:  # read (and checked) even when not mixed in
                 if cfg.mix.external_ratio:
                     writer.add("external", row)

@@ -279,9 +279,8 @@ def refusal(plan: Plan) -> UserError | None:
 
 def model_shape(cfg: Config) -> ModelShape:
     """The configured model's shape: a built-in is prepared; a folder needs only its config.json."""
-    from sa_sft.models import resolve_model
-    path = resolve_model(cfg.model.path) if cfg.model.path in ("default", "tiny") else Path(cfg.model.path).expanduser()
-    return read_model_shape(path)
+    from sa_sft.models import config_folder
+    return read_model_shape(config_folder(cfg.model.path))
 
 
 def longest_sequence(cfg: Config) -> int:

@@ -4,7 +4,7 @@ import os
 
 from sa_sft.config import Config
 from sa_sft.data.plan import check_self_supply
-from sa_sft.data.task import read_task_data
+from sa_sft.data.task import open_data
 from sa_sft.errors import UserError
 from sa_sft.models import resolve_model
 
@@ -17,19 +17,24 @@ def preflight(cfg: Config, stages: list[str]) -> None:
         problem = refusal(plan_for(cfg))
         if problem:
             raise problem
-    task_rows = len(read_task_data(cfg.data.task_path, cfg.data.on_bad_row, max_row_bytes=cfg.data.max_row_bytes).rows)
+    task_rows = sum(1 for _ in open_data(cfg.data))  # streamed: a large data set is never all in memory
     if "mix" in stages:  # generating fewer self-dialogues than a later mix needs is a choice, not an error
         check_self_supply(cfg, task_rows)
     if cfg.data.external_path:
-        read_task_data(cfg.data.external_path, cfg.data.on_bad_row, key="data.external_path",
-                       max_row_bytes=cfg.data.max_row_bytes)
+        for _ in open_data(cfg.data, "data.external_path"):
+            pass
     from sa_sft.train.ds_config import load_preset
     from sa_sft.train.freezing import check_freeze_settings
     load_preset(cfg.train.deepspeed_config)
     check_freeze_settings(cfg.train, model_path)
     check_attention(cfg)
+    if "train" in stages or "evaluate" in stages:
+        from sa_sft.trackers import check_trackers
+        check_trackers(cfg)
+    from sa_sft.evaluate.harness import check_tasks, is_harness
     from sa_sft.evaluate.suites import load_suite, python_checker
-    suites = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites]
+    suites = [load_suite(spec, cfg.evaluate.max_items) for spec in cfg.evaluate.suites if not is_harness(spec)]
+    check_tasks(cfg)
     checkers = {row["checker"] for s in suites for row in s.rows if str(row.get("checker", "")).startswith("python:")}
     if cfg.evaluate.task_checker.startswith("python:"):
         checkers.add(cfg.evaluate.task_checker)

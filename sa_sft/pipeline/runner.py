@@ -4,6 +4,7 @@ import contextlib
 import logging
 from pathlib import Path
 
+from sa_sft import console
 from sa_sft.config import Config
 from sa_sft.pipeline.preflight import preflight
 from sa_sft.pipeline.report import write_report
@@ -26,6 +27,8 @@ def log_to_file(path: Path):
     except OSError as err:
         raise os_error(err) from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    # The libraries' records go to each stage's own log (RUN/logs/), not this one.
+    handler.addFilter(console.OwnRecords(True))
     root.addHandler(handler)
     try:
         yield
@@ -34,13 +37,33 @@ def log_to_file(path: Path):
         handler.close()
 
 
+@contextlib.contextmanager
+def stage_output(run: RunDir, name: str):
+    """The libraries' output of a stage in RUN/logs/NAME*.log (quiet mode); afterwards one line on
+    what in it looks like a real warning or error, not start-up chatter."""
+    if console.verbose():
+        yield
+        return
+    logs = lambda: sorted(run.logs_dir.glob(f"{name}*.log"))  # noqa: E731 (the stage adds engine and rank logs)
+    before = console.sizes(logs())
+    try:
+        with console.capture(run.output_log(name)):
+            yield
+    finally:
+        found = console.problems(logs(), before)
+        if found:
+            log.warning("%s: %d warning or error line(s) from the libraries, first: %s (all output: %s)",
+                        name, len(found), found[0][:160], run.logs_dir)
+
+
 def run_stage(spec: StageSpec, cfg: Config, run: RunDir, overwrite: bool) -> dict:
     """The one preamble of every stage: open it from its inputs, or read its manifest when it is done."""
     module = spec.load()
     stage = run.open_stage(spec.name, module.inputs(cfg, run), overwrite)
     if stage is None:
         return run.manifest(spec.name)
-    return stage.finish(**module.run_stage(cfg, run, stage))
+    with stage_output(run, spec.name):
+        return stage.finish(**module.run_stage(cfg, run, stage))
 
 
 def run_stages(cfg: Config, stages: list[str], overwrite: bool = False) -> dict:

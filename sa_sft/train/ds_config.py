@@ -1,4 +1,5 @@
-"""DeepSpeed configs: presets in ds_configs/ whose "auto" fields are filled from the trainer config."""
+"""DeepSpeed configs: presets in sa_sft/ds_configs/ (package data) whose "auto" fields are filled from the
+trainer config."""
 import copy
 import json
 from pathlib import Path
@@ -6,7 +7,7 @@ from pathlib import Path
 from sa_sft.config import TrainConfig
 from sa_sft.errors import UserError
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def load_preset(name_or_path: str) -> tuple[Path, dict]:

@@ -6,13 +6,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
-from sa_sft import signals
+from sa_sft import console, signals
 from sa_sft.cache import torch_extensions_dir
 from sa_sft.cluster.ports import free_port
 from sa_sft.config import Config
 from sa_sft.errors import UserError
 from sa_sft.rundir import RunDir
+from sa_sft.train.progress import Follower
 
 log = logging.getLogger("sa_sft.train")
 
@@ -25,6 +27,8 @@ def trainer_env(cfg: Config) -> dict:
         "TOKENIZERS_PARALLELISM": "false",
         # DeepSpeed JIT-compiles its ops once; keep them in the project's cache, not ~/.cache.
         "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
+        # Quiet mode: each rank's output goes to RUN/logs/train-rank-R.log (Ray actors do not inherit it).
+        console.VERBOSE_ENV: "1" if console.verbose() else "0",
     }
     if cfg.train.device == "cpu":
         env.update({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(cfg.train.threads_per_rank)})
@@ -68,7 +72,7 @@ def launch_command(cfg: Config, run: RunDir) -> list[str]:
             "--master_addr", "127.0.0.1", "--master_port", str(port), *worker]
 
 
-def run_forwarding_signals(cmd: list[str], env: dict, forward_as: int) -> tuple[int, list[str]]:
+def run_forwarding_signals(cmd: list[str], env: dict, forward_as: int, follower: Follower) -> tuple[int, list[str]]:
     """Run the launcher; SIGTERM/SIGUSR1 sent to sa-sft reach it as `forward_as`, a signal it relays
     to every rank, which checkpoints and stops. Returns the exit code and the signals seen."""
     proc = subprocess.Popen(cmd, env=env)
@@ -79,7 +83,11 @@ def run_forwarding_signals(cmd: list[str], env: dict, forward_as: int) -> tuple[
         proc.send_signal(forward_as)
 
     with signals.handled(forward):
-        return proc.wait(), seen
+        while proc.poll() is None:
+            follower.poll()
+            time.sleep(0.5)
+        follower.close()
+        return proc.returncode, seen
 
 
 def run_ranks(cfg: Config, run: RunDir) -> tuple[int, list[str]]:
@@ -87,7 +95,7 @@ def run_ranks(cfg: Config, run: RunDir) -> tuple[int, list[str]]:
     env = trainer_env(cfg)
     if cfg.train.launcher == "ray":
         from sa_sft.train.ray_ranks import run_ranks_on_ray
-        return run_ranks_on_ray(cfg, trainer_module(run), env)
+        return run_ranks_on_ray(cfg, trainer_module(run), env, Follower(run))
     # torchrun and the deepspeed launcher relay SIGTERM to their ranks; srun kills the step on
     # SIGTERM but relays SIGUSR1.
     forward_as = signal.SIGTERM
@@ -98,7 +106,7 @@ def run_ranks(cfg: Config, run: RunDir) -> tuple[int, list[str]]:
     else:
         cmd = launch_command(cfg, run)
     log.info("train: launching %d rank(s): %s", cfg.train.ranks, " ".join(cmd))
-    return run_forwarding_signals(cmd, {**os.environ, **env}, forward_as)
+    return run_forwarding_signals(cmd, {**os.environ, **env}, forward_as, Follower(run))
 
 
 def parse_probe_lines(stdout: str) -> list[dict]:

@@ -111,7 +111,7 @@ def dry_run_on_ray(cfg: Config, module_args: list[str], env: dict) -> list[dict]
              "command": [sys.executable, *module_args]} for rank in range(len(actors))]
 
 
-def run_ranks_on_ray(cfg: Config, module_args: list[str], env: dict) -> tuple[int, list[str]]:
+def run_ranks_on_ray(cfg: Config, module_args: list[str], env: dict, follower=None) -> tuple[int, list[str]]:
     """Run every rank to completion; the first rank to fail stops the rest. Returns (exit code, signals seen)."""
     from sa_sft.cluster.ray_cluster import ray_session
 
@@ -133,7 +133,12 @@ def run_ranks_on_ray(cfg: Config, module_args: list[str], env: dict) -> tuple[in
                        for rank, actor in enumerate(actors)}
             code = 0
             while pending:
-                [done], _ = ray.wait(list(pending), num_returns=1)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                if follower:
+                    follower.poll()
+                if not ready:
+                    continue
+                [done] = ready
                 rank = pending.pop(done)
                 try:
                     rank_code = ray.get(done)
@@ -145,4 +150,6 @@ def run_ranks_on_ray(cfg: Config, module_args: list[str], env: dict) -> tuple[in
                     log.error("train: rank %d exited %d; stopping the other ranks", rank, rank_code)
                     stop_all()
                     ray.wait(list(pending), num_returns=len(pending), timeout=STOP_GRACE_S)
+            if follower:
+                follower.close()
             return code, seen

@@ -22,6 +22,7 @@ import torch
 
 from sa_sft import signals
 from sa_sft.chat import pad_token_id
+from sa_sft.console import OwnRecords
 from sa_sft.cluster.slurm import job_deadline, rank_env_from_slurm
 from sa_sft.config import Config, TrainConfig, train_seed
 from sa_sft.errors import StageFailed, UserError
@@ -82,7 +83,9 @@ def setup_logging(rank: int, log_file) -> None:
     handlers = [logging.StreamHandler(sys.stderr)]
     if rank == 0:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        own = logging.FileHandler(log_file)
+        own.addFilter(OwnRecords(True))  # sa-sft's lines, which the train stage echoes to the terminal
+        handlers.append(own)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
                         format="%(asctime)s %(name)s [rank %(rank)s] %(message)s".replace("%(rank)s", str(rank)))
 
@@ -330,14 +333,14 @@ class SFTRecipe:
         log.info("checkpoint %s saved in %.1f s", tag, self.save_seconds)
 
     def train(self) -> None:
-        from tqdm import tqdm
+        from sa_sft.trackers import Trackers
+        from sa_sft.train.progress import ProgressFile
 
-        writer = progress = None
+        trackers = progress = None
         if self.rank == 0:
-            progress = tqdm(total=self.total_steps, initial=self.step, unit="step", desc="train", dynamic_ncols=True)
-            if self.tcfg.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                writer = SummaryWriter(str(self.run.tensorboard), purge_step=self.step + 1)
+            # The bar is drawn by the train stage (progress.py): ranks' own output goes to RUN/logs/.
+            progress = ProgressFile(self.run.train_progress, self.total_steps, self.step)
+            trackers = Trackers(self.cfg, self.run, "train", resume_step=self.step)  # train.report_to
         self.engine.train()
         while self.step < self.total_steps:
             done = self.train_step()
@@ -345,15 +348,8 @@ class SFTRecipe:
                 record = self.metrics(done)
                 with open(self.run.metrics, "a") as f:
                     f.write(json.dumps(record) + "\n")
-                if writer:
-                    scalars = {}
-                    for key, value in record.items():
-                        if isinstance(value, list):  # per rank: one curve each
-                            scalars.update({f"{key}_rank{rank}": v for rank, v in enumerate(value)})
-                        elif key != "step" and value is not None:
-                            scalars[key] = value
-                    for key, value in scalars.items():
-                        writer.add_scalar(f"train/{key}", value, self.step)
+                if trackers:
+                    trackers.log_metrics(record)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if progress:
                 progress.update(1)
@@ -372,11 +368,13 @@ class SFTRecipe:
                                 why, self.step, self.total_steps)
                 if progress:
                     progress.close()
+                if trackers is not None:
+                    trackers.close("KILLED")
                 sys.exit(EXIT_INTERRUPTED)
         if progress:
             progress.close()
-        if writer:
-            writer.close()
+        if trackers is not None:
+            trackers.close()
         self.save_checkpoint()  # a no-op unless resumed past the end without one
 
     # ---- export

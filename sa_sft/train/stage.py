@@ -57,7 +57,8 @@ def rank_failure(returncode: int, signals: list[str], run: RunDir) -> UserError:
         return kind(error["message"])
     resume = run.checkpoints.latest() or "the start (no checkpoint yet)"
     return StageFailed(f"train: a training rank failed (launcher exit {returncode}; the launcher's summary "
-                       f"above names the rank); see {run.train_log}; rerun to resume from {resume}")
+                       f"names the rank); see {run.output_log('train')} and {run.output_log('train', 'rank-*')}; "
+                       f"rerun to resume from {resume}")
 
 
 def run_stage(cfg: Config, run: RunDir, stage: Stage) -> dict:

@@ -8,10 +8,13 @@ written to the run directory for the train stage to report as one line, and the 
 """
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
+from sa_sft import console
+from sa_sft.cache import use_own_ninja
 from sa_sft.config import load_config
 from sa_sft.errors import UserError
 from sa_sft.io import atomic_write_json
@@ -26,10 +29,15 @@ def main() -> int:
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--local_rank", "--local-rank", type=int, help="set by the deepspeed launcher; LOCAL_RANK wins")
     args = parser.parse_args()
+    run = RunDir(args.run_dir)
+    use_own_ninja()
+    if not console.verbose():
+        # Everything this rank prints (DeepSpeed, torch, transformers) goes to its own log file.
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        console.redirect(run.output_log("train", f"rank-{rank}"))
 
     # DeepSpeed calls collectives that torch deprecates, once per parameter per step.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\..* is deprecated.*")
-    run = RunDir(args.run_dir)
     from sa_sft.train.recipe import SFTRecipe
 
     try:

@@ -6,6 +6,8 @@ import time
 import pytest
 from conftest import REPO, job_env
 
+from sa_sft.cluster.slurm import write_scripts
+
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
 
@@ -51,7 +53,11 @@ def wait_for_checkpoint(run_dir, min_step: int, timeout: float) -> None:
 def test_cancelled_training_resumes_when_the_chain_is_resubmitted(slurm, tmp_path):
     run_dir = tmp_path / "run"
     config = ["tiny", f"output_dir={run_dir}", "train.max_steps=40", "train.checkpoint_every=4"]
-    chain = slurm.run(str(REPO / "slurm" / "submit_chain.sh"), "--nodes=2", f"--output={tmp_path}/job-%j.out",
+    # The scripts as an installed package hands them out (`sa-sft slurm-scripts DIR`), away from the
+    # checkout: submit_chain.sh submits the sbatch files next to it.
+    scripts = tmp_path / "scripts"
+    write_scripts(scripts)
+    chain = slurm.run(str(scripts / "submit_chain.sh"), "--nodes=2", f"--output={tmp_path}/job-%j.out",
                       "--", *config, env=job_env(), cwd=tmp_path)
     assert chain.returncode == 0, chain.stderr
     jobs = dict(line.split() for line in chain.stdout.splitlines())
@@ -68,7 +74,7 @@ def test_cancelled_training_resumes_when_the_chain_is_resubmitted(slurm, tmp_pat
     assert stopped["signal"] in ("SIGTERM", "SIGUSR1") and 5 <= stopped["step"] < 40
     assert not (run_dir / "train" / "manifest.json").exists()
 
-    chain = slurm.run(str(REPO / "slurm" / "submit_chain.sh"), "--nodes=2", f"--output={tmp_path}/job-%j.out",
+    chain = slurm.run(str(scripts / "submit_chain.sh"), "--nodes=2", f"--output={tmp_path}/job-%j.out",
                       "--", *config, env=job_env(), cwd=tmp_path)
     jobs = dict(line.split() for line in chain.stdout.splitlines())
     for stage in ("generate", "train", "evaluate"):

@@ -23,8 +23,9 @@ def test_compare_runs_every_method_and_writes_one_report(tmp_path, tiny_model):
     from sa_sft.models import resolve_model
 
     root = tmp_path / "cmp"
-    # (task_only_low_lr is only an override of the learning rate: tests/unit/test_config.py covers it)
-    methods = "base,task_only,task_only+seed2,sa_sft,sa_sft@2,freeze,external,rewrite,lora,wise_ft@0.5"
+    # task_only_low_lr, freeze and external are overrides whose effects other tests cover (test_config:
+    # the presets; test_training: freezing; test_mix_stage: external rows); left out for CI time.
+    methods = "base,task_only,task_only+seed2,sa_sft,sa_sft@2,rewrite,lora,wise_ft@0.5"
     # generate.num_samples=-1: the count follows mix.self_ratio, yet every method must share one generation.
     proc = sa_sft("compare", "tiny", f"output_dir={root}", "evaluate.suites=[mmlu,ifeval,arithmetic]",
                   "evaluate.max_items=8", "evaluate.chat_heldout=8", "evaluate.max_new_tokens=16",
@@ -34,7 +35,7 @@ def test_compare_runs_every_method_and_writes_one_report(tmp_path, tiny_model):
     rows = {r["method"]: r for r in comparison["methods"]}
     assert list(rows) == methods.split(",")
     assert not (root / "base" / "train").exists() and rows["base"]["drift_relative"] == 0.0
-    for method in ("task_only", "sa_sft", "freeze", "external"):
+    for method in ("task_only", "sa_sft"):
         assert rows[method]["drift_relative"] > 0 and rows[method]["kl_base_final"] > 0
         assert rows[method]["scores"]["task_heldout"]["value"] < rows["base"]["scores"]["task_heldout"]["value"]
         assert rows[method]["scores"]["mmlu"]["metric"] == "accuracy" and len(rows[method]["scores"]["mmlu"]["ci95"]) == 2
@@ -43,10 +44,7 @@ def test_compare_runs_every_method_and_writes_one_report(tmp_path, tiny_model):
     mixes = {m: json.loads((root / m / "mix" / "manifest.json").read_text())["counts"] for m in rows}
     assert mixes["sa_sft"]["self"]["samples"] == 40 and mixes["task_only"]["self"]["samples"] == 0
     assert mixes["sa_sft@2"]["self"]["samples"] == 80  # one generation, sized for the largest lambda
-    assert mixes["external"]["external"]["samples"] == 40
     assert mixes["task_only"] == mixes["task_only+seed2"]
-    freeze = (root / "freeze" / "train" / "config.yaml").read_text()
-    assert "freeze_layers: 1" in freeze  # half of the tiny model's 2 layers
     # One generation (rewrite makes its own), one base evaluation, shared by every run.
     shards = {m: json.loads((root / m / "generate" / "manifest.json").read_text()) for m in rows}
     assert shards["rewrite"]["strategy"] == "rewrite"
@@ -89,7 +87,7 @@ def test_compare_runs_every_method_and_writes_one_report(tmp_path, tiny_model):
     for plot in ("tradeoff.png", "compare_scores.png", "compare_drift.png", "compare_loss.png"):
         assert (root / "plots" / plot).stat().st_size > 1000
     table = (root / "compare.md").read_text()
-    assert "| sa_sft |" in table and "| external |" in table
+    assert "| sa_sft |" in table and "| wise_ft@0.5 |" in table
     assert "## sa_sft@2 against task-only SFT" in table and "| task_only (2) |" in table
 
     (root / "compare.md").unlink()

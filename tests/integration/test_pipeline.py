@@ -1,6 +1,7 @@
 """`sa-sft run tiny` end to end with the real components: vLLM in a Ray actor, DeepSpeed ZeRO-3
 on 2 processes, then the exported model loaded with transformers and generating."""
 import json
+import re
 import subprocess
 import sys
 import time
@@ -20,12 +21,46 @@ EVAL_OVERRIDES = ("evaluate.task_checker=numeric", "evaluate.suites=[mmlu,humane
                   "evaluate.allow_code_execution=true", "evaluate.max_items=6")
 
 
+def is_own_line(line: str) -> bool:
+    """sa-sft's log lines (its own, and rank 0's echoed by the train stage) and its progress bars."""
+    shown = line.split("\r")[-1]  # what a terminal keeps of a redrawn bar
+    return bool(re.match(r"(\d\d:\d\d:\d\d|\d{4}-\d\d-\d\d [\d:,]+) sa_sft[.:\w ]", shown)
+                or re.match(r"(generate|train|evaluate [\w.-]+): +\d+%\|", shown) or not shown.strip())
+
+
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, lm_eval_overrides):
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    proc = sa_sft("run", "tiny", f"output_dir={run_dir}", *EVAL_OVERRIDES)
+    proc = sa_sft("run", "tiny", f"output_dir={run_dir}", *EVAL_OVERRIDES, *lm_eval_overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (run_dir / "terminal.txt").write_text(proc.stderr)
     return run_dir
+
+
+def test_terminal_shows_only_sa_sft_and_the_logs_hold_the_rest(tiny_run):
+    lines = (tiny_run / "terminal.txt").read_text().splitlines()
+    assert [line for line in lines if not is_own_line(line)] == []
+    assert any("train: " in line and "%|" in line for line in lines)  # the train stage's bar, from progress.json
+    assert any("[rank 0] training " in line for line in lines)        # rank 0's own lines, echoed
+    logs = tiny_run / "logs"
+    assert "vLLM" in (logs / "generate-engine-0.log").read_text() or "vllm" in (logs / "generate-engine-0.log").read_text()
+    assert (logs / "evaluate-engine-0.log").stat().st_size > 0
+    for rank in (0, 1):
+        assert "DeepSpeed" in (logs / f"train-rank-{rank}.log").read_text() or "deepspeed" in (logs / f"train-rank-{rank}.log").read_text()
+    # No per-tensor dtype warning anywhere.
+    assert not any("Attempted to load weight" in p.read_text() for p in logs.glob("*.log"))
+
+
+def test_lm_eval_task_scored_with_its_stderr_and_paired_change(tiny_run):
+    report = json.loads((tiny_run / "report.json").read_text())
+    row = report["eval"]["lm_eval:tiny_sums"]
+    assert row["metric"] == "accuracy" and 0 <= row["base"] <= 1 and 0 <= row["final"] <= 1
+    for model in ("base", "final"):
+        got = json.loads((tiny_run / "eval" / f"{model}.json").read_text())["suites"]["lm_eval:tiny_sums"]
+        assert got["n"] == 6 and len(got["per_item"]) == 6  # evaluate.max_items=6 is lm-eval's limit
+        assert got["lm_eval"]["metric"] == "acc,none" and got["lm_eval"]["backend"] == "hf"
+        assert got["value"] == pytest.approx(sum(got["per_item"]) / 6, abs=1e-4)
+        assert got["stderr"] > 0 or got["value"] in (0, 1)
 
 
 def test_report_has_every_stage_and_the_numbers(tiny_run):
@@ -94,9 +129,9 @@ def test_exported_model_loads_and_generates(tiny_run):
     assert diff > 0
 
 
-def test_rerun_skips_every_finished_stage(tiny_run):
+def test_rerun_skips_every_finished_stage(tiny_run, lm_eval_overrides):
     started = time.time()
-    proc = sa_sft("run", "tiny", f"output_dir={tiny_run}", *EVAL_OVERRIDES)
+    proc = sa_sft("run", "tiny", f"output_dir={tiny_run}", *EVAL_OVERRIDES, *lm_eval_overrides)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for stage in ("generate", "mix", "train", "evaluate"):
         assert f"{stage}: already complete" in proc.stderr

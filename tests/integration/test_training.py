@@ -112,10 +112,15 @@ def test_kill_mid_checkpoint_save_resumes_from_the_last_complete_one(prepared, t
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-5)
 
 
-def test_packing_freezing_and_checked_export(prepared, tmp_path):
+def test_packing_freezing_and_checked_export(prepared, tmp_path, monkeypatch):
+    from tracker_files import mlflow_client, offline_trackers, tensorboard_scalars, wandb_runs  # tests/
+
+    from sa_sft.rundir import RunDir
+    offline_trackers(monkeypatch, tmp_path)  # W&B offline, MLflow's file store in the run directory
     run_dir = copy_run(prepared, tmp_path / "packed")
     args = [*SMALL, "train.packing=true", "train.max_seq_len=512", "train.freeze_embeddings=true",
-            "train.freeze_layers=1", "train.max_steps=2", "train.micro_batch_size=1"]
+            "train.freeze_layers=1", "train.max_steps=2", "train.micro_batch_size=1",
+            "train.report_to=[tensorboard,wandb,mlflow]"]
     proc = cli("run", "tiny", f"output_dir={run_dir}", *args, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     mix = json.loads((run_dir / "mix" / "manifest.json").read_text())
@@ -139,7 +144,21 @@ def test_packing_freezing_and_checked_export(prepared, tmp_path):
     assert all(len(m["mfu_per_rank"]) == 2 and min(m["mfu_per_rank"]) > 0 for m in metrics)
     assert len(train["mfu_per_rank"]) == 2 and len(train["mfu_peak"]["tflops_per_rank"]) == 2
     assert train["mfu_peak"]["source"].startswith("measured matmul peak, not a datasheet figure")
-    assert list((run_dir / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    # train.report_to: every metric line in each tracker, and the evaluation summary (logged by the evaluate
+    # stage, another process) in the same W&B and MLflow runs.
+    run = RunDir(run_dir)
+    ids = json.loads(run.tracker_runs("train").read_text())
+    loss = {m["step"]: m["loss"] for m in metrics}
+    assert sorted(loss) == [1, 2]
+    assert tensorboard_scalars(run.tensorboard)["train/loss"] == pytest.approx(loss)
+    final_nll = run.manifest("evaluate")["mean_nll"]["task_heldout"]["final"]
+    client = mlflow_client(run)
+    assert {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "train/loss")} == loss
+    assert client.get_run(ids["mlflow"]).data.metrics["eval/mean_nll/task_heldout/final"] == final_nll
+    wandb_train, wandb_eval = wandb_runs(run.wandb_dir)
+    assert wandb_train["id"] == wandb_eval["id"] == ids["wandb"]
+    assert {step: line["train/loss"] for step, line in wandb_train["history"].items()} == loss
+    assert wandb_eval["summary"]["eval/mean_nll/task_heldout/final"] == final_nll
 
 
 def test_a_corrupted_export_fails_in_one_line_and_the_rerun_exports_without_retraining(prepared, tmp_path):

@@ -39,9 +39,10 @@ def test_the_contract_would_catch_an_arrow_back_up(tmp_path):
 # path is built from them: joined with `/`, or next to a slash inside a string.
 FILE_NAMES = ("manifest.json", "plan.json", "config.yaml", "sa_sft.log", "report.json", "report.md",
               "selection.jsonl", "metrics.jsonl", "train.log", "interrupted.json", "sa_sft_export.json",
-              "retention.json", "drift.json", "compare.json", "compare.md", "error.json", "generations.jsonl")
+              "retention.json", "drift.json", "compare.json", "compare.md", "error.json", "generations.jsonl",
+              "trackers.json")
 FOLDERS = ("shards", "rejected", "minhash", "heldout", "final", "eval", "checkpoints", "tensorboard", "latest", "plots",
-           "logs", "mix", "train", "generate", "evaluate", "work", ".lock", ".slurm_probe")
+           "logs", "mix", "train", "generate", "evaluate", "work", ".lock", ".slurm_probe", "mlruns")
 PREFIXES = ("rank-", "shard-", "step-")
 FILE_RE = re.compile(r"(?<![\w.])(" + "|".join(re.escape(n) for n in FILE_NAMES) + r")\b")
 SLASHED_RE = re.compile(r"(^|/)(" + "|".join(re.escape(n) for n in FOLDERS) + r")(/|$)")
@@ -81,8 +82,9 @@ def path_pieces(source: str) -> list[tuple[int, str]]:
     return found
 
 
-# Strings that look like paths but are not: TensorBoard's scalar tags.
-NOT_PATHS = {("sa_sft/train/recipe.py", "train/{}"), ("sa_sft/train/recipe.py", "train/{}/rank{}")}
+# Strings that look like paths but are not: the trackers' metric names.
+NOT_PATHS = {("sa_sft/trackers.py", "train/{}"), ("sa_sft/trackers.py", "train/{}_rank{}"),
+             ("sa_sft/trackers.py", "train/loss")}
 
 
 def test_no_path_piece_of_the_run_directory_outside_the_run_directory_module():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sa_sft.cli import main
+from sa_sft.errors import UserError
 from sa_sft.models import prepare_tiny_model
 
 BAD = Path(__file__).resolve().parents[1] / "data" / "bad"
@@ -15,7 +16,7 @@ STAGES = ("run", "generate", "mix", "train", "evaluate")
 
 TASK_CASES = {
     "malformed.jsonl": ":2: not valid JSON",
-    "wrong_schema.jsonl": ":2: expected `messages` or `instruction`/`response` fields",
+    "wrong_schema.jsonl": ":2: expected `messages`, `conversations` (ShareGPT) or `instruction`/`output` (alpaca) fields",
     "unknown_role.jsonl": ":2: message 0 has unknown role 'narrator'",
     "empty.jsonl": ": no usable task rows",
     "non_utf8.jsonl": ":2: not UTF-8",
@@ -23,7 +24,12 @@ TASK_CASES = {
     "messages_not_a_list.jsonl": ":2: `messages` must be a non-empty list",
     "no_assistant_turn.jsonl": ":2: no assistant turn to learn from",
     "not_an_object.jsonl": ":2: each line must be a JSON object",
+    "sharegpt_unknown_from.json": ":2: turn 1 has unknown ShareGPT role 'bot' (expected human, gpt or system)",
+    "alpaca_no_output.jsonl": ":2: alpaca rows need string `instruction` and `output` fields",
+    "broken_array.json": ":2: not valid JSON (Expecting ',' delimiter)",
 }
+# A syntax error inside a JSON array hides where the next element starts: it cannot be skipped.
+UNSKIPPABLE = {"empty.jsonl", "broken_array.json"}
 
 CONFIG_CASES = {
     "unknown_key.yaml": "unknown config key train.learning_rte (did you mean train.learning_rate?)",
@@ -61,9 +67,11 @@ def test_bad_task_data(name, stage, tmp_path, capsys):
 
 def test_bad_rows_can_be_skipped_and_counted_instead(tmp_path):
     from sa_sft.data.task import read_task_data
-    for name in set(TASK_CASES) - {"empty.jsonl"}:
+    for name in set(TASK_CASES) - UNSKIPPABLE:
         data = read_task_data(str(BAD / "task" / name), on_bad_row="skip", max_row_bytes=4096)
         assert len(data.rows) == 1 and len(data.skipped) == 1 and ":2: " in data.skipped[0]
+    with pytest.raises(UserError, match=":2: not valid JSON"):
+        read_task_data(str(BAD / "task" / "broken_array.json"), on_bad_row="skip")
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -72,6 +80,74 @@ def test_bad_external_data_names_its_key(stage, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = run_cli(capsys, stage, "tiny", f"output_dir={out}", f"data.external_path={path}", "mix.external_ratio=0.5")
     assert_refused(code, err, f"{path}:2: message 0 has unknown role", out)
+
+
+def make_format_cases(root: Path) -> dict[str, tuple[list[str], str]]:
+    """Bad inputs in the formats beyond JSONL, written with the real libraries: case -> (overrides, what
+    the error line holds). hf: and hub model ids rely on HF_HUB_OFFLINE=1 (tests/conftest.py): nothing
+    is downloaded, and the names are ones no cache holds."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = {"messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]}
+    bad = {"messages": [{"role": "narrator", "content": "Once"}, {"role": "assistant", "content": "upon"}]}
+    pq.write_table(pa.Table.from_pylist([good, good, good, bad, good]), root / "bad_row.parquet", row_group_size=2)
+    alpaca = [{"instruction": "What is 2 + 2?", "input": "", "output": "4"}]
+    pq.write_table(pa.Table.from_pylist(alpaca), root / "alpaca.parquet")
+    (root / "alpaca.jsonl").write_text(json.dumps(alpaca[0]) + "\n")
+    (root / "not.parquet").write_text(json.dumps(good) + "\n")
+    datasets.Dataset.from_list([good, bad]).save_to_disk(str(root / "bad_row_dataset"))
+    shutil.copytree(root / "bad_row_dataset", root / "damaged_dataset")
+    (root / "damaged_dataset" / "state.json").write_text('{"_data_files": [')
+    (root / "plain_folder").mkdir()
+    (root / "plain_folder" / "train.jsonl").write_text(json.dumps(good) + "\n")
+    return {
+        "parquet_bad_row": ([f"data.task_path={root / 'bad_row.parquet'}"],
+                            f"{root / 'bad_row.parquet'}:row 3: message 0 has unknown role 'narrator'"),
+        "parquet_missing_mapped_column": (
+            [f"data.task_path={root / 'alpaca.parquet'}", "data.format=alpaca", "data.columns.prompt=question"],
+            f"{root / 'alpaca.parquet'}: no `question` (data.columns.prompt) column for data.format=alpaca"),
+        "jsonl_missing_mapped_column": (
+            [f"data.task_path={root / 'alpaca.jsonl'}", "data.columns.prompt=question"],
+            f"{root / 'alpaca.jsonl'}:1: expected `messages`, `conversations` (ShareGPT) or `question` (data.columns.prompt)"),
+        "not_parquet": ([f"data.task_path={root / 'not.parquet'}"], f"{root / 'not.parquet'}: not a readable Parquet file"),
+        "dataset_folder_bad_row": ([f"data.task_path={root / 'bad_row_dataset'}"],
+                                   f"{root / 'bad_row_dataset'}:row 1: message 0 has unknown role 'narrator'"),
+        "damaged_dataset_folder": ([f"data.task_path={root / 'damaged_dataset'}"],
+                                   f"data.task_path: {root / 'damaged_dataset'}: unreadable `datasets` folder"),
+        "not_a_dataset_folder": ([f"data.task_path={root / 'plain_folder'}"],
+                                 f"data.task_path: {root / 'plain_folder'} is a folder but not a `datasets` save_to_disk folder"),
+        "hf_not_cached": (["data.task_path=hf:sa-sft-tests/not-cached"],
+                          "data.task_path: hf:sa-sft-tests/not-cached: not in the local datasets cache"),
+        "hf_external_not_cached": (["data.external_path=hf:sa-sft-tests/not-cached:test", "mix.external_ratio=0.5"],
+                                   "data.external_path: hf:sa-sft-tests/not-cached:test: not in the local datasets cache"),
+        "hub_model_not_cached": (["model.path=sa-sft-tests/not-cached"],
+                                 "model.path: sa-sft-tests/not-cached is not a local folder, not in the Hugging Face cache"),
+    }
+
+
+FORMAT_CASES = ("parquet_bad_row", "parquet_missing_mapped_column", "jsonl_missing_mapped_column", "not_parquet",
+                "dataset_folder_bad_row", "damaged_dataset_folder", "not_a_dataset_folder", "hf_not_cached",
+                "hf_external_not_cached", "hub_model_not_cached")
+
+
+@pytest.fixture(scope="module")
+def format_cases(tmp_path_factory):
+    return make_format_cases(tmp_path_factory.mktemp("formats"))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("case", FORMAT_CASES)
+def test_bad_inputs_in_other_formats(case, stage, format_cases, tmp_path, capsys):
+    overrides, expected = format_cases[case]
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, stage, "tiny", f"output_dir={out}", *overrides)
+    assert_refused(code, err, expected, out)
+
+
+def test_format_cases_are_all_run(format_cases):
+    assert set(format_cases) == set(FORMAT_CASES)
 
 
 @pytest.mark.parametrize("stage", STAGES)

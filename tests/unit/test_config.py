@@ -70,7 +70,7 @@ def test_cli_bad_key_is_one_line_exit_2():
 
 def test_cli_help_describes_each_subcommand():
     for cmd in ([], ["run"], ["generate"], ["mix"], ["train"], ["evaluate"], ["report"], ["prepare-model"],
-                ["prepare-data"], ["slurm"], ["compare"]):
+                ["prepare-data"], ["slurm"], ["compare"], ["slurm-scripts"]):
         proc = subprocess.run([sys.executable, "-m", "sa_sft.cli", *cmd, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: sa-sft" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "sa_sft.cli", "run", "--help"], capture_output=True, text=True)

@@ -28,7 +28,7 @@ def test_builtin_demo_task():
 
 @pytest.mark.parametrize("line, reason", [
     ("{not json", "not valid JSON"),
-    (json.dumps({"text": "x"}), "expected `messages` or `instruction`/`response`"),
+    (json.dumps({"text": "x"}), "expected `messages`, `conversations` (ShareGPT) or `instruction`/`output` (alpaca) fields; the row has: text"),
     (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "unknown role 'robot'"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]}), "empty assistant turn"),
     (b"\xff\xfe bad bytes\n", "not UTF-8"),
